@@ -1,0 +1,154 @@
+"""The Quart application: the connect route, its lifecycle, and ``run`` under hypercorn.
+
+Streams end themselves on shutdown: the shutdown trigger finishes every stream
+with a reconnect frame before hypercorn waits for connections, because hypercorn
+would otherwise wait for open streams (or cut them) instead of ending them cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config as HypercornConfig
+from quart import Quart, Response, request
+
+from . import sse
+from .bindings import BindingError, parse_bindings
+from .broker import Broker, BrokerUnavailable
+from .hub import Hub, Stream
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_PATHS = ("/api/events/v1/connect/", "/events/v1/connect/")
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass
+class Service:
+    """What the app holds between requests."""
+
+    settings: Settings
+    broker: Broker
+    hub: Hub
+    startup_error: BrokerUnavailable | None = None
+
+
+def service_of(app: Quart) -> Service:
+    service: Service = app.extensions["tc_events"]
+    return service
+
+
+def create_app(settings: Settings) -> Quart:
+    app = Quart(__name__)
+    broker = Broker(settings.pulse)
+    service = Service(settings, broker, Hub(settings.server, broker))
+    app.extensions["tc_events"] = service
+    server = settings.server
+
+    @app.before_serving
+    async def connect_broker() -> None:
+        try:
+            await broker.start()
+        except BrokerUnavailable as error:
+            service.startup_error = error
+            raise
+        service.hub.start()
+        log.info("consuming %s", broker.queue_name)
+
+    @app.after_serving
+    async def disconnect_broker() -> None:
+        service.hub.begin_shutdown()
+        await service.hub.stop()
+        await broker.close()
+
+    def cors(headers: dict[str, str]) -> dict[str, str]:
+        return {**headers, "Access-Control-Allow-Origin": server.cors_allow_origin}
+
+    async def connect() -> Response:
+        if "Last-Event-ID" in request.headers:
+            # An EventSource reconnecting after the stream ended: tell it to stop.
+            return Response(b"", status=204, headers=cors({}))
+        request_line = len(request.scope["raw_path"]) + len(request.scope["query_string"])
+        if request_line > server.max_request_line:
+            return Response(
+                f"Request line too long: at most {server.max_request_line} bytes.\n",
+                status=414,
+                headers=cors({"Content-Type": "text/plain"}),
+            )
+        try:
+            bindings = parse_bindings(request.args.get("bindings"), server.limits())
+        except BindingError as error:
+            return _stream_response(_one_frame(sse.error(str(error))), cors(STREAM_HEADERS))
+        if len(service.hub.streams) >= server.max_streams:
+            retry_after = str(random.randint(5, 30))  # jittered, so refused clients spread out
+            return Response(
+                "Too many streams on this server; retry later.\n",
+                status=503,
+                headers=cors({"Content-Type": "text/plain", "Retry-After": retry_after}),
+            )
+        return _stream_response(_events(service.hub, bindings), cors(STREAM_HEADERS))
+
+    for path in CONNECT_PATHS:
+        app.add_url_rule(
+            path, view_func=connect, methods=["GET"], strict_slashes=False, endpoint=path
+        )
+    return app
+
+
+def _stream_response(body: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
+    response = Response(body, status=200)
+    response.headers.update(headers)  # exactly text/event-stream: no charset appended
+    response.timeout = None  # Quart would otherwise cut the stream after 60 s, silently
+    return response
+
+
+async def _one_frame(frame: bytes) -> AsyncIterator[bytes]:
+    yield frame
+
+
+async def _events(hub: Hub, bindings: list) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
+    # The stream is opened inside the generator: if the client leaves before the
+    # body starts, nothing was registered and nothing can leak.
+    stream: Stream = hub.open(bindings)
+    try:
+        while (chunk := await stream.next_chunk()) is not None:
+            yield chunk
+    finally:
+        hub.close(stream)
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = settings.server.shutdown_grace
+    # Room for a long request line (Taskcluster clients' bindings are ~2 KB each) plus headers.
+    config.h11_max_incomplete_size = settings.server.max_request_line + 16 * 1024
+    return config
+
+
+async def serve_app(app: Quart, config: HypercornConfig) -> None:
+    """Serve until SIGTERM or SIGINT, then end every stream and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        log.info("shutting down: ending %d streams", len(service_of(app).hub.streams))
+        service_of(app).hub.begin_shutdown()
+
+    await serve(app, config, shutdown_trigger=shutdown_trigger)

@@ -1,0 +1,135 @@
+"""The ``tc-events`` command: user mistakes become one clear line and an exit code.
+
+Exit codes: 0 fine, 1 a failure (invalid bindings, broker unreachable, bad
+settings), 2 a usage error (click's own). Tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from hypercorn.utils import LifespanFailureError
+
+from .app import create_app, hypercorn_config, serve_app, service_of
+from .bindings import BindingError, parse_bindings
+from .settings import DEFAULT_PROFILE, PROFILES, Settings, SettingsError, load_settings
+
+EXIT_FAILURE = 1
+
+profile_option = click.option(
+    "--profile",
+    type=click.Choice(PROFILES),
+    default=None,
+    help=f"Settings profile to apply over `defaults` (default: {DEFAULT_PROFILE}).",
+)
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="YAML user config with the same profiles (default: ./user-config.yml if present).",
+)
+
+
+def _settings(profile: str | None, config_file: Path | None, overrides: dict[str, Any]) -> Settings:
+    try:
+        return load_settings(profile, config_file, overrides)
+    except SettingsError as error:
+        raise click.ClickException(f"settings: {error}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Log at debug level and show tracebacks.")
+@click.version_option(package_name="quart_events")
+@click.pass_context
+def main(context: click.Context, debug: bool) -> None:
+    """Stream RabbitMQ topic exchanges to browsers as Server-Sent Events.
+
+    A drop-in for Taskcluster's events service: clients open
+    /api/events/v1/connect/?bindings=<JSON> and receive every matching message.
+    """
+    context.obj = {"debug": debug}
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="tc-events: %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
+    )
+    if not debug:
+        # Libraries speak at warning level and up; our own one-liners at info.
+        for name in ("aio_pika", "aiormq", "hypercorn", "asyncio"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@main.command()
+@profile_option
+@config_option
+@click.option("--host", default=None, help="Address to listen on (setting server.host).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=None, help="Port to listen on (server.port)."
+)
+@click.pass_context
+def server(
+    context: click.Context,
+    profile: str | None,
+    config_file: Path | None,
+    host: str | None,
+    port: int | None,
+) -> None:
+    """Run the events service until SIGTERM or SIGINT."""
+    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    settings = _settings(profile, config_file, {"server": overrides} if overrides else {})
+    app = create_app(settings)
+    pulse = settings.pulse
+    where = f"http://{settings.server.host}:{settings.server.port}"
+    logging.getLogger("quart_events").info(
+        "listening on %s (profile %s), RabbitMQ at %s:%s vhost %s",
+        where,
+        profile or DEFAULT_PROFILE,
+        pulse.hostname,
+        pulse.port,
+        pulse.vhost,
+    )
+    try:
+        asyncio.run(serve_app(app, hypercorn_config(settings)))
+    except LifespanFailureError as error:
+        reason = service_of(app).startup_error or error
+        if context.obj["debug"]:
+            raise
+        click.echo(f"tc-events: {reason}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except OSError as error:
+        if context.obj["debug"]:
+            raise
+        click.echo(f"tc-events: cannot listen on {where}: {error.strerror or error}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+@main.command("check-bindings")
+@click.argument("bindings_json", metavar="JSON")
+@profile_option
+@config_option
+def check_bindings(bindings_json: str, profile: str | None, config_file: Path | None) -> None:
+    """Validate bindings exactly as the server does.
+
+    JSON is the value of the `bindings` query parameter, e.g.
+    '{"bindings": [{"exchange": "exchange/x", "routingKeyPattern": "#"}]}';
+    `-` reads it from standard input. Limits (count, allowed exchanges) come
+    from the settings of --profile and --config. Exits 0 when valid, 1 with
+    the message a client would get when not.
+    """
+    if bindings_json == "-":
+        bindings_json = sys.stdin.read()
+    settings = _settings(profile, config_file, {})
+    try:
+        bindings = parse_bindings(bindings_json, settings.server.limits())
+    except BindingError as error:
+        click.echo(str(error), err=True)
+        sys.exit(EXIT_FAILURE)
+    count = len(bindings)
+    click.echo(f"{count} binding{'s' if count != 1 else ''}, valid:")
+    for binding in bindings:
+        click.echo(f"  {binding.exchange}  {binding.routing_key_pattern}")

@@ -1,0 +1,271 @@
+"""Subscriptions: which stream wants what, shared bindings, fan-out into bounded buffers.
+
+Each distinct binding is bound once on the broker, however many streams use it,
+and unbound when its last stream leaves. Operations on one binding run strictly
+in the order they were asked for (a bind still in flight when its stream leaves
+is followed by its unbind, never overtaken by it). A stream joins the topic tries,
+and so starts getting messages, when all its bindings are in effect: that is the
+moment its ``ready`` goes out. A message is decoded and framed once, and the same
+bytes go to every matching stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from . import sse
+from .bindings import Binding
+from .broker import BrokerError, decode_payload, routes_of
+from .settings import ServerSettings
+from .topic import TopicTrie
+
+log = logging.getLogger(__name__)
+
+TOO_SLOW = "The stream was closed because the client read it too slowly."
+SHUTTING_DOWN = "The server is shutting down."
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    """Why a finished broker operation failed, or ``None`` when it succeeded."""
+    if task.cancelled():
+        return BrokerError("the operation was cancelled")
+    return task.exception()
+
+
+class Binder(Protocol):
+    on_delivery: Callable[[str, str, bool, bytes, dict[str, Any] | None], None]
+
+    async def bind(self, binding: Binding) -> None: ...
+
+    async def unbind(self, binding: Binding) -> None: ...
+
+
+class Stream:
+    """One client's bindings and its bounded buffer of frames waiting to be written."""
+
+    def __init__(self, bindings: Iterable[Binding], max_frames: int, max_bytes: int) -> None:
+        self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.frames: deque[bytes] = deque()
+        self.buffered_bytes = 0
+        self.finished = False
+        self.joined = False  # in the topic tries: gets messages
+        self._wake = asyncio.Event()
+
+    def push(self, frame: bytes) -> None:
+        if self.finished:
+            return
+        if len(self.frames) >= self.max_frames or self.buffered_bytes + len(frame) > self.max_bytes:
+            # Drop what the client did not read: memory stays bounded, the client is told why.
+            self.frames.clear()
+            self.buffered_bytes = 0
+            self.finish(sse.error(TOO_SLOW))
+            return
+        self.frames.append(frame)
+        self.buffered_bytes += len(frame)
+        self._wake.set()
+
+    def finish(self, last_frame: bytes | None = None) -> None:
+        """End the stream after what is buffered, and ``last_frame``."""
+        if self.finished:
+            return
+        if last_frame is not None:
+            self.frames.append(last_frame)
+            self.buffered_bytes += len(last_frame)
+        self.finished = True
+        self._wake.set()
+
+    async def next_chunk(self) -> bytes | None:
+        """All frames waiting, as one write; ``None`` when the stream has ended."""
+        while not self.frames:
+            if self.finished:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        chunk = b"".join(self.frames)
+        self.frames.clear()
+        self.buffered_bytes = 0
+        return chunk
+
+
+class _Entry:
+    """A binding's life on the broker, shared by the streams that use it."""
+
+    __slots__ = ("binding", "bound", "refs")
+
+    def __init__(self, binding: Binding, bound: asyncio.Task[None]) -> None:
+        self.binding = binding
+        self.bound = bound
+        self.refs = 0
+
+
+class Hub:
+    """The registry of open streams and of the bindings they share."""
+
+    def __init__(self, settings: ServerSettings, binder: Binder) -> None:
+        self.settings = settings
+        self.binder = binder
+        binder.on_delivery = self.deliver
+        self.streams: set[Stream] = set()
+        self._entries: dict[Binding, _Entry] = {}
+        self._stream_entries: dict[Stream, list[_Entry]] = {}
+        self._activations: dict[Stream, asyncio.Task[None]] = {}
+        self._last_op: dict[Binding, asyncio.Task[None]] = {}
+        self._tries: dict[str, TopicTrie[Stream]] = {}
+        self._pinger: asyncio.Task[None] | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pinger = asyncio.ensure_future(self._ping_forever())
+
+    async def _ping_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.ping_interval)
+            frame = sse.ping()
+            for stream in list(self.streams):
+                stream.push(frame)
+
+    def begin_shutdown(self) -> None:
+        """End every stream with a frame that makes an EventSource reconnect, spread out."""
+        low, high = self.settings.retry_min_ms, self.settings.retry_max_ms
+        for stream in list(self.streams):
+            stream.finish(sse.goodbye(random.randint(low, high)))
+
+    async def stop(self) -> None:
+        """After the streams are gone: stop pinging and let pending broker work finish."""
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
+        pending = list(self._last_op.values())
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    # -- streams ---------------------------------------------------------------
+
+    def open(self, bindings: Iterable[Binding]) -> Stream:
+        """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
+        stream = Stream(bindings, self.settings.buffer_messages, self.settings.buffer_bytes)
+        self.streams.add(stream)
+        entries = [self._acquire(binding) for binding in stream.bindings]
+        self._stream_entries[stream] = entries
+        self._activations[stream] = asyncio.ensure_future(self._activate(stream, entries))
+        return stream
+
+    async def _activate(self, stream: Stream, entries: list[_Entry]) -> None:
+        # asyncio.wait does not cancel the binds if this stream leaves meanwhile.
+        if entries:
+            await asyncio.wait([entry.bound for entry in entries])
+        for entry in entries:
+            error = _failure(entry.bound)
+            if error is not None:
+                message = str(error) if isinstance(error, BrokerError) else "binding failed"
+                stream.finish(sse.error(message))
+                return
+        for binding in stream.bindings:
+            self._tries.setdefault(binding.exchange, TopicTrie()).add(
+                binding.routing_key_pattern, stream
+            )
+        stream.joined = True
+        stream.push(sse.READY)
+
+    def close(self, stream: Stream) -> None:
+        """Forget a stream (its client left or it ended); unbind what nobody else uses."""
+        if stream not in self.streams:
+            return
+        self.streams.discard(stream)
+        stream.finish()
+        activation = self._activations.pop(stream)
+        activation.cancel()
+        if stream.joined:
+            for binding in stream.bindings:
+                trie = self._tries[binding.exchange]
+                trie.discard(binding.routing_key_pattern, stream)
+                if not len(trie):
+                    del self._tries[binding.exchange]
+        for entry in self._stream_entries.pop(stream):
+            self._release(entry)
+
+    # -- shared bindings -------------------------------------------------------
+
+    def _acquire(self, binding: Binding) -> _Entry:
+        entry = self._entries.get(binding)
+        if entry is None or (entry.bound.done() and _failure(entry.bound) is not None):
+            # New, or failed before (the exchange may exist by now): bind it (again).
+            entry = _Entry(binding, self._schedule(binding, self.binder.bind))
+            self._entries[binding] = entry
+        entry.refs += 1
+        return entry
+
+    def _release(self, entry: _Entry) -> None:
+        entry.refs -= 1
+        if entry.refs:
+            return
+        if self._entries.get(entry.binding) is entry:
+            del self._entries[entry.binding]
+
+        async def unbind(binding: Binding) -> None:
+            if _failure(entry.bound) is None:
+                await self.binder.unbind(binding)
+
+        self._schedule(entry.binding, unbind)
+
+    def _schedule(
+        self, binding: Binding, operation: Callable[[Binding], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """Run ``operation`` after every earlier operation on the same binding."""
+        previous = self._last_op.get(binding)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await operation(binding)
+
+        task = asyncio.ensure_future(run())
+        self._last_op[binding] = task
+
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._last_op.get(binding) is finished:
+                del self._last_op[binding]
+            if not finished.cancelled() and finished.exception() is not None:
+                log.debug("broker operation on %s failed: %r", binding, finished.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # -- messages --------------------------------------------------------------
+
+    def deliver(
+        self,
+        exchange: str,
+        routing_key: str,
+        redelivered: bool,
+        body: bytes,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        """Fan one delivery out: decode and frame it once, for every matching stream."""
+        trie = self._tries.get(exchange)
+        if trie is None:
+            return
+        streams = trie.match(routing_key)
+        if not streams:
+            return
+        frame = sse.message(
+            decode_payload(body), exchange, routing_key, redelivered, routes_of(headers)
+        )
+        for stream in streams:
+            stream.push(frame)
+
+    # -- introspection (tests, metrics) ------------------------------------------
+
+    def bound_bindings(self) -> set[Binding]:
+        """Bindings this process holds on the broker or is about to."""
+        return set(self._entries)

@@ -1,0 +1,235 @@
+"""Settings: built-in profiles, a YAML user config, environment variables, flags.
+
+Highest first: command-line flags, ``TC_EVENTS_<SECTION>__<NAME>`` variables, the
+names a Taskcluster deployment sets (``PULSE_*``, ``PORT``), the user config's
+profile, its ``defaults``, the built-in profile, the built-in ``defaults``.
+A mistake is refused with a message naming where it came from (file and profile,
+or variable) and the key, never the value: it may be a password.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from .bindings import Limits
+
+PROFILES = ("defaults", "development", "test", "production")
+DEFAULT_PROFILE = "development"
+USER_CONFIG = Path("user-config.yml")
+ENV_PREFIX = "TC_EVENTS_"
+# Variables a Taskcluster deployment already sets, as (section, key).
+TASKCLUSTER_ENV = {
+    "PULSE_HOSTNAME": ("pulse", "hostname"),
+    "PULSE_PORT": ("pulse", "port"),
+    "PULSE_USERNAME": ("pulse", "username"),
+    "PULSE_PASSWORD": ("pulse", "password"),
+    "PULSE_VHOST": ("pulse", "vhost"),
+    "PULSE_NAMESPACE": ("pulse", "namespace"),
+    "PORT": ("server", "port"),
+}
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message says where and which key."""
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+    ping_interval: float = Field(gt=0)
+    cors_allow_origin: str
+    max_streams: int = Field(ge=1)
+    max_bindings_per_stream: int = Field(ge=0)
+    allowed_exchanges: list[str]
+    denied_exchanges: list[str]
+    buffer_messages: int = Field(ge=1)
+    buffer_bytes: int = Field(ge=1024)
+    max_request_line: int = Field(ge=1024)
+    shutdown_grace: float = Field(gt=0)
+    retry_min_ms: int = Field(ge=0)
+    retry_max_ms: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _retry_window(self) -> ServerSettings:
+        if self.retry_max_ms < self.retry_min_ms:
+            raise ValueError("retry_max_ms must not be below retry_min_ms")
+        return self
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_bindings=self.max_bindings_per_stream,
+            allowed_exchanges=tuple(self.allowed_exchanges),
+            denied_exchanges=tuple(self.denied_exchanges),
+        )
+
+
+class PulseSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hostname: str
+    port: int = Field(ge=1, le=65535)
+    username: str
+    password: SecretStr
+    vhost: str
+    namespace: str | None = None
+    tls: bool
+    tls_ca_file: Path | None = None
+    connect_timeout: float = Field(gt=0)
+    queue_max_length: int = Field(ge=1)
+    prefetch_count: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _namespace_defaults_to_username(self) -> PulseSettings:
+        if not self.namespace:
+            self.namespace = self.username
+        return self
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    server: ServerSettings
+    pulse: PulseSettings
+
+
+class _TaskclusterEnv(PydanticBaseSettingsSource):
+    """``PULSE_*`` and ``PORT``, the names Taskcluster's deployments set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, dict[str, str]] = {}
+        for variable, (section, key) in TASKCLUSTER_ENV.items():
+            if variable in os.environ:
+                found.setdefault(section, {})[key] = os.environ[variable]
+        return found
+
+
+def _read_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SettingsError(f"{origin}: not valid YAML: {error}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise SettingsError(f"{origin}: must be a mapping of profiles ({', '.join(PROFILES)})")
+    for name, section in document.items():
+        if name not in PROFILES:
+            raise SettingsError(
+                f"{origin}: unknown profile `{name}` (profiles are {', '.join(PROFILES)})"
+            )
+        if section is not None and not isinstance(section, dict):
+            raise SettingsError(f"{origin}: profile `{name}` must be a mapping")
+    return document
+
+
+def _layers(profile: str, config_file: Path | None) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML layers, highest first, each with where it came from."""
+    builtin = _read_yaml(
+        resources.files(__package__).joinpath("default-config.yml").read_text(), "built-in config"
+    )
+    user: dict[str, Any] = {}
+    user_origin = ""
+    if config_file is not None:
+        if not config_file.is_file():
+            raise SettingsError(f"config file {config_file} does not exist")
+        user_origin = str(config_file)
+    elif USER_CONFIG.is_file():
+        config_file, user_origin = USER_CONFIG, str(USER_CONFIG)
+    if config_file is not None:
+        try:
+            text = config_file.read_text()
+        except OSError as error:
+            raise SettingsError(f"config file {config_file}: {error.strerror}") from None
+        user = _read_yaml(text, user_origin)
+    layers = []
+    for document, origin in ((user, user_origin), (builtin, "built-in config")):
+        if profile != "defaults":
+            layers.append((f"{origin} (profile {profile})", document.get(profile) or {}))
+        layers.append((f"{origin} (profile defaults)", document.get("defaults") or {}))
+    return layers
+
+
+def _has_key(document: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
+    node: Any = document
+    for part in loc:
+        if not isinstance(node, Mapping) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _origin(
+    loc: tuple[Any, ...],
+    overrides: Mapping[str, Any],
+    layers: list[tuple[str, dict[str, Any]]],
+) -> str:
+    if _has_key(overrides, loc):
+        return "command line"
+    if len(loc) >= 2:
+        variable = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
+        if variable in {name.upper() for name in os.environ}:
+            return f"environment variable {variable}"
+        for name, place in TASKCLUSTER_ENV.items():
+            if place == tuple(loc[:2]) and name in os.environ:
+                return f"environment variable {name}"
+    for origin, document in layers:
+        if _has_key(document, loc):
+            return origin
+    return "settings"
+
+
+def load_settings(
+    profile: str | None = None,
+    config_file: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings of one profile; ``overrides`` are nested, e.g. {"server": {"port": 1}}."""
+    profile = profile or DEFAULT_PROFILE
+    if profile not in PROFILES:
+        raise SettingsError(f"unknown profile `{profile}` (profiles are {', '.join(PROFILES)})")
+    overrides = dict(overrides or {})
+    layers = _layers(profile, config_file)
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            files = (InitSettingsSource(settings_cls, document) for _, document in layers)
+            return (init_settings, env_settings, _TaskclusterEnv(settings_cls), *files)
+
+    try:
+        loaded = _Layered(**overrides)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            loc = tuple(item["loc"])
+            key = ".".join(str(part) for part in loc)
+            problems.append(f"{_origin(loc, overrides, layers)}: {key}: {item['msg']}")
+        raise SettingsError("; ".join(problems)) from None
+    return loaded

@@ -1,0 +1,201 @@
+"""Helpers for tests: a real server process, an SSE reader, broker inspection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import ServerSentEvent, aconnect_sse
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"server did not listen on {port} within {timeout} s")
+
+
+def bindings_param(bindings: Sequence[dict[str, Any]] | Any) -> str:
+    return json.dumps({"bindings": bindings})
+
+
+@dataclass
+class EventsServer:
+    """A ``tc-events server`` process with its own queue namespace."""
+
+    port: int
+    namespace: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, bindings: Sequence[dict[str, Any]] | Any, path: str = "/api/events/v1/connect/") -> str:
+        return f"{self.base}{path}?" + urllib.parse.urlencode({"bindings": bindings_param(bindings)})
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    @classmethod
+    def start(cls, extra_env: dict[str, str] | None = None, port: int | None = None) -> EventsServer:
+        port = port or free_port()
+        namespace = f"test-{uuid.uuid4().hex[:10]}"
+        env = {**os.environ, "PULSE_NAMESPACE": namespace, **(extra_env or {})}
+        log_path = Path(f"/tmp/tc-events-test-{namespace}.log")
+        log_file = log_path.open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "quart_events", "server", "--profile", "test", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        server = cls(port, namespace, process, log_path, env)
+        try:
+            wait_for_port(port, process)
+        except Exception:
+            server.stop()
+            raise RuntimeError(f"server did not start:\n{server.output()}") from None
+        return server
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, extra_env: dict[str, str] | None = None) -> Iterator[EventsServer]:
+        server = cls.start(extra_env)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    def broker_bindings(self) -> list[tuple[str, str]]:
+        """(exchange, routing key) of this server's queue, as RabbitMQ itself lists them."""
+        return broker_bindings(f"queue/{self.namespace}/events/")
+
+
+def broker_bindings(queue_prefix: str) -> list[tuple[str, str]]:
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name", "routing_key"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) == 3 and parts[1].startswith(queue_prefix) and parts[0]:
+            found.append((parts[0], parts[2]))
+    return sorted(found)
+
+
+async def wait_until(predicate: Any, timeout: float = 10, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+class SSEReader:
+    """An independent SSE client (httpx-sse) reading one stream in the background."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url = url
+        self.headers = headers or {}
+        self.events: list[ServerSentEvent] = []
+        self.response: httpx.Response | None = None
+        self.ended = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(30, read=None))
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> SSEReader:
+        self._task = asyncio.ensure_future(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._client.aclose()
+
+    async def _read(self) -> None:
+        try:
+            async with aconnect_sse(self._client, "GET", self.url, headers=self.headers) as source:
+                self.response = source.response
+                self._changed.set()
+                async for event in source.aiter_sse():
+                    self.events.append(event)
+                    self._changed.set()
+        finally:
+            self.ended.set()
+            self._changed.set()
+
+    def named(self, name: str) -> list[ServerSentEvent]:
+        return [event for event in self.events if event.event == name]
+
+    async def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> list[ServerSentEvent]:
+        """Wait until ``count`` events called ``name`` arrived; return them."""
+        deadline = time.monotonic() + timeout
+        while len(self.named(name)) < count:
+            if self.ended.is_set() and self._task is not None and self._task.done():
+                if self._task.exception() is not None:
+                    raise self._task.exception()  # type: ignore[misc]
+                raise AssertionError(f"stream ended before {count} {name!r}: {self.events}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {count} {name!r} events in {timeout} s: {self.events}")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.named(name)
+
+    async def wait_ended(self, timeout: float = 10) -> None:
+        await asyncio.wait_for(self.ended.wait(), timeout)
+
+    def data(self, name: str) -> list[Any]:
+        return [json.loads(event.data) for event in self.named(name)]

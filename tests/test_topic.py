@@ -1,0 +1,145 @@
+"""Topic matching: unit cases, and the trie against RabbitMQ itself on random keys."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import aio_pika
+import pytest
+
+from quart_events.topic import TopicTrie
+
+
+def matches(pattern: str, key: str) -> bool:
+    trie: TopicTrie[str] = TopicTrie()
+    trie.add(pattern, "x")
+    return bool(trie.match(key))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "expected"),
+    [
+        ("a.b", "a.b", True),
+        ("a.b", "a.b.c", False),
+        ("a.*", "a.b", True),
+        ("a.*", "a", False),
+        ("a.*", "a.b.c", False),
+        ("a.#", "a", True),
+        ("a.#", "a.b.c", True),
+        ("#", "", True),
+        ("#", "a.b", True),
+        ("*", "", False),
+        ("", "", True),
+        ("", "a", False),
+        ("a..b", "a..b", True),
+        ("a.*.b", "a..b", True),
+        ("#.b", "b", True),
+        ("#.b", "a.a.b", True),
+        ("#.b", "a.b.c", False),
+        ("a.#.#.b", "a.b", True),
+        ("#.*", "", False),
+        ("#.*", "a", True),
+        ("*.#.*", "a", False),
+        ("*.#.*", "a.b", True),
+        ("a.*", "a.*", True),
+        ("a.b", "a.*", False),
+        ("a.", "a", False),
+        ("a.", "a.", True),
+    ],
+)
+def test_match(pattern: str, key: str, expected: bool) -> None:
+    assert matches(pattern, key) is expected
+
+
+def test_items_matched_by_several_patterns_come_back_once() -> None:
+    trie: TopicTrie[str] = TopicTrie()
+    for pattern in ("a.#", "*.b", "a.b", "#"):
+        trie.add(pattern, "stream")
+    trie.add("a.b", "other")
+    assert trie.match("a.b") == {"stream", "other"}
+    assert len(trie) == 5
+
+
+def test_discard_prunes_and_keeps_the_rest() -> None:
+    trie: TopicTrie[str] = TopicTrie()
+    trie.add("a.b.c", "x")
+    trie.add("a.#", "y")
+    trie.discard("a.b.c", "x")
+    trie.discard("a.b.c", "x")  # twice is harmless
+    trie.discard("never.added", "x")
+    assert trie.match("a.b.c") == {"y"}
+    assert len(trie) == 1
+    trie.discard("a.#", "y")
+    assert len(trie) == 0 and trie.match("a.b") == set()
+    assert not trie._root.children  # nothing left behind
+
+
+def test_many_hashes_stay_fast() -> None:
+    trie: TopicTrie[int] = TopicTrie()
+    trie.add(".".join(["#"] * 30) + ".z", 1)
+    assert trie.match(".".join(["a"] * 200)) == set()
+    assert trie.match(".".join(["a"] * 200) + ".z") == {1}
+
+
+def random_words(rng: random.Random, alphabet: list[str], low: int, high: int) -> str:
+    return ".".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
+
+
+@pytest.mark.asyncio
+async def test_trie_equals_rabbitmq_on_random_keys_and_patterns() -> None:
+    rng = random.Random(20261127)
+    patterns = sorted(
+        {random_words(rng, ["a", "b", "", "*", "#", "#"], 0, 5) for _ in range(400)}
+        | {"#", "*", "", "a", "#.#", "*.*.*", "a.#.b", "#.a.#"}
+    )[:160]
+    keys = sorted(
+        {random_words(rng, ["a", "b", "", "c"], 0, 6) for _ in range(400)}
+        | {"", ".", "..", "a", "*", "#", "a.*", ".".join(["a"] * 40), ".".join(["b", "a"] * 20)}
+    )
+    trie: TopicTrie[int] = TopicTrie()
+    for index, pattern in enumerate(patterns):
+        trie.add(pattern, index)
+    expected = {index: set() for index in range(len(patterns))}  # type: dict[int, set[str]]
+    for key in keys:
+        for index in trie.match(key):
+            expected[index].add(key)
+
+    sentinel = "sentinel-" + uuid.uuid4().hex
+    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1/",
+                                        client_properties={"connection_name": "test:topic"})
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            f"exchange/test/topic-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
+            auto_delete=True,
+        )
+        received: dict[int, set[str]] = {index: set() for index in range(len(patterns))}
+        done = {index: asyncio.Event() for index in range(len(patterns))}
+        for index, pattern in enumerate(patterns):
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            await queue.bind(exchange, routing_key=pattern)
+            await queue.bind(exchange, routing_key=sentinel)
+
+            async def on_message(message: aio_pika.abc.AbstractIncomingMessage, i: int = index) -> None:
+                key = message.body.decode()
+                if key == sentinel:
+                    done[i].set()
+                else:
+                    received[i].add(key)
+
+            await queue.consume(on_message, no_ack=True)
+        for key in keys:
+            await exchange.publish(aio_pika.Message(key.encode()), routing_key=key)
+        await exchange.publish(aio_pika.Message(sentinel.encode()), routing_key=sentinel)
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in done.values())), 30)
+    finally:
+        await connection.close()
+    mismatches = {
+        patterns[i]: (sorted(received[i] - expected[i]), sorted(expected[i] - received[i]))
+        for i in received
+        if received[i] != expected[i]
+    }
+    assert not mismatches
+    assert sum(map(len, received.values())) > 1000  # the comparison covered real traffic

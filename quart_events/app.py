@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from quart import Quart, Response, request
 
 from . import sse
 from .bindings import BindingError, parse_bindings
-from .broker import Broker, BrokerUnavailable
+from .broker import Broker
 from .hub import Hub, Stream
 from .settings import Settings
 
@@ -41,7 +42,23 @@ class Service:
     settings: Settings
     broker: Broker
     hub: Hub
-    startup_error: BrokerUnavailable | None = None
+    started: bool = False
+
+    async def start(self) -> None:
+        """Connect to the broker and start pinging; raise ``BrokerUnavailable``. Idempotent."""
+        if self.started:
+            return
+        await self.broker.start()
+        self.hub.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        self.hub.begin_shutdown()
+        await self.hub.stop()
+        await self.broker.close()
 
 
 def service_of(app: Quart) -> Service:
@@ -56,21 +73,8 @@ def create_app(settings: Settings) -> Quart:
     app.extensions["tc_events"] = service
     server = settings.server
 
-    @app.before_serving
-    async def connect_broker() -> None:
-        try:
-            await broker.start()
-        except BrokerUnavailable as error:
-            service.startup_error = error
-            raise
-        service.hub.start()
-        log.info("consuming %s", broker.queue_name)
-
-    @app.after_serving
-    async def disconnect_broker() -> None:
-        service.hub.begin_shutdown()
-        await service.hub.stop()
-        await broker.close()
+    app.before_serving(service.start)
+    app.after_serving(service.stop)
 
     def cors(headers: dict[str, str]) -> dict[str, str]:
         return {**headers, "Access-Control-Allow-Origin": server.cors_allow_origin}
@@ -128,9 +132,9 @@ async def _events(hub: Hub, bindings: list) -> AsyncIterator[bytes]:  # type: ig
         hub.close(stream)
 
 
-def hypercorn_config(settings: Settings) -> HypercornConfig:
+def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"{settings.server.host}:{settings.server.port}"]
+    config.bind = [f"fd://{listener.fileno()}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.server.shutdown_grace
@@ -139,16 +143,42 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     return config
 
 
-async def serve_app(app: Quart, config: HypercornConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then end every stream and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+async def serve_app(app: Quart) -> None:
+    """Serve until SIGTERM or SIGINT, then end every stream and stop.
 
-    async def shutdown_trigger() -> None:
-        await stop.wait()
-        log.info("shutting down: ending %d streams", len(service_of(app).hub.streams))
-        service_of(app).hub.begin_shutdown()
+    The broker is connected and the socket bound before hypercorn starts, so an
+    unreachable broker or a taken port surfaces here (``BrokerUnavailable``,
+    ``OSError``) rather than as hypercorn's ``LifespanFailureError``, and the
+    "listening" line is only printed when it is true.
+    """
+    service = service_of(app)
+    server, pulse = service.settings.server, service.settings.pulse
+    await service.start()
+    try:
+        listener = socket.create_server((server.host, server.port))
+    except OSError:
+        await service.stop()
+        raise
+    with listener:
+        host, port = listener.getsockname()[:2]
+        log.info(
+            "listening on http://%s:%s, RabbitMQ at %s:%s vhost %s, queue %s",
+            host,
+            port,
+            pulse.hostname,
+            pulse.port,
+            pulse.vhost,
+            service.broker.queue_name,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
 
-    await serve(app, config, shutdown_trigger=shutdown_trigger)
+        async def shutdown_trigger() -> None:
+            await stop.wait()
+            log.info("shutting down: ending %d streams", len(service.hub.streams))
+            service.hub.begin_shutdown()
+
+        config = hypercorn_config(service.settings, listener)
+        await serve(app, config, shutdown_trigger=shutdown_trigger)

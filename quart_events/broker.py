@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import socket
 import ssl
 import uuid
 from collections.abc import Callable
@@ -77,8 +79,13 @@ def describe_connect_error(settings: PulseSettings, error: BaseException) -> str
         error, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
     ):
         reason = f"login refused for user {settings.username!r} on vhost {settings.vhost!r}"
-    elif isinstance(error, ConnectionRefusedError):
+    elif isinstance(error, ConnectionRefusedError) or (
+        isinstance(error, OSError)
+        and (error.errno == errno.ECONNREFUSED or "Connect call failed" in str(error))
+    ):
         reason = "connection refused"
+    elif isinstance(error, socket.gaierror):
+        reason = "host name not found"
     elif isinstance(error, TimeoutError | asyncio.TimeoutError):
         reason = f"no answer within {settings.connect_timeout:g} s"
     elif isinstance(error, OSError) and error.strerror:

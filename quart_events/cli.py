@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from hypercorn.utils import LifespanFailureError
 
-from .app import create_app, hypercorn_config, serve_app, service_of
+from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
+from .broker import BrokerUnavailable
 from .settings import DEFAULT_PROFILE, PROFILES, Settings, SettingsError, load_settings
 
 EXIT_FAILURE = 1
@@ -59,9 +60,9 @@ def main(context: click.Context, debug: bool) -> None:
         format="tc-events: %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
     )
     if not debug:
-        # Libraries speak at warning level and up; our own one-liners at info.
+        # Libraries speak at error level; our own one-liners say what matters.
         for name in ("aio_pika", "aiormq", "hypercorn", "asyncio"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @main.command()
@@ -83,28 +84,19 @@ def server(
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
     settings = _settings(profile, config_file, {"server": overrides} if overrides else {})
     app = create_app(settings)
-    pulse = settings.pulse
     where = f"http://{settings.server.host}:{settings.server.port}"
-    logging.getLogger("quart_events").info(
-        "listening on %s (profile %s), RabbitMQ at %s:%s vhost %s",
-        where,
-        profile or DEFAULT_PROFILE,
-        pulse.hostname,
-        pulse.port,
-        pulse.vhost,
-    )
     try:
-        asyncio.run(serve_app(app, hypercorn_config(settings)))
-    except LifespanFailureError as error:
-        reason = service_of(app).startup_error or error
+        asyncio.run(serve_app(app))
+    except BrokerUnavailable as error:
         if context.obj["debug"]:
             raise
-        click.echo(f"tc-events: {reason}", err=True)
+        click.echo(f"tc-events: {error}", err=True)
         sys.exit(EXIT_FAILURE)
     except OSError as error:
         if context.obj["debug"]:
             raise
-        click.echo(f"tc-events: cannot listen on {where}: {error.strerror or error}", err=True)
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        click.echo(f"tc-events: cannot listen on {where}: {reason}", err=True)
         sys.exit(EXIT_FAILURE)
 
 

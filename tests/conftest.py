@@ -5,20 +5,13 @@ A test that cannot reach the broker fails (the ``amqp`` fixture raises); nothing
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aio_pika
 import pytest
-
-from helpers import AMQP_URL, EventsServer, free_port, wait_for_port
+from helpers import AMQP_URL, EventsServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +29,9 @@ async def amqp(request: pytest.FixtureRequest) -> AsyncIterator[aio_pika.abc.Abs
 
 
 @pytest.fixture
-async def exchange(amqp: aio_pika.abc.AbstractChannel) -> AsyncIterator[aio_pika.abc.AbstractExchange]:
+async def exchange(
+    amqp: aio_pika.abc.AbstractChannel,
+) -> AsyncIterator[aio_pika.abc.AbstractExchange]:
     """A fresh topic exchange, deleted afterwards."""
     declared = await amqp.declare_exchange(
         f"exchange/test/{uuid.uuid4().hex[:12]}", aio_pika.ExchangeType.TOPIC, auto_delete=False

@@ -60,21 +60,36 @@ class EventsServer:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def url(self, bindings: Sequence[dict[str, Any]] | Any, path: str = "/api/events/v1/connect/") -> str:
-        return f"{self.base}{path}?" + urllib.parse.urlencode({"bindings": bindings_param(bindings)})
+    def url(
+        self, bindings: Sequence[dict[str, Any]] | Any, path: str = "/api/events/v1/connect/"
+    ) -> str:
+        return f"{self.base}{path}?" + urllib.parse.urlencode(
+            {"bindings": bindings_param(bindings)}
+        )
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     @classmethod
-    def start(cls, extra_env: dict[str, str] | None = None, port: int | None = None) -> EventsServer:
+    def start(
+        cls, extra_env: dict[str, str] | None = None, port: int | None = None
+    ) -> EventsServer:
         port = port or free_port()
         namespace = f"test-{uuid.uuid4().hex[:10]}"
         env = {**os.environ, "PULSE_NAMESPACE": namespace, **(extra_env or {})}
         log_path = Path(f"/tmp/tc-events-test-{namespace}.log")
         log_file = log_path.open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "quart_events", "server", "--profile", "test", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "quart_events",
+                "server",
+                "--profile",
+                "test",
+                "--port",
+                str(port),
+            ],
             env=env,
             cwd=ROOT,
             stdout=log_file,
@@ -116,7 +131,10 @@ class EventsServer:
 def broker_bindings(queue_prefix: str) -> list[tuple[str, str]]:
     out = subprocess.run(
         ["rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name", "routing_key"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout
     found = []
     for line in out.splitlines():
@@ -178,7 +196,9 @@ class SSEReader:
     def named(self, name: str) -> list[ServerSentEvent]:
         return [event for event in self.events if event.event == name]
 
-    async def wait_for(self, name: str, count: int = 1, timeout: float = 10) -> list[ServerSentEvent]:
+    async def wait_for(
+        self, name: str, count: int = 1, timeout: float = 10
+    ) -> list[ServerSentEvent]:
         """Wait until ``count`` events called ``name`` arrived; return them."""
         deadline = time.monotonic() + timeout
         while len(self.named(name)) < count:

@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 import aio_pika
 import httpx
 import pytest
-
-from helpers import EventsServer, SSEReader, bindings_param, wait_until
+from helpers import EventsServer, SSEReader, wait_until
 
 pytestmark = pytest.mark.asyncio
 
 
-async def publish(exchange: aio_pika.abc.AbstractExchange, key: str, body: bytes, **kw: object) -> None:
+async def publish(
+    exchange: aio_pika.abc.AbstractExchange, key: str, body: bytes, **kw: object
+) -> None:
     await exchange.publish(aio_pika.Message(body, **kw), routing_key=key)  # type: ignore[arg-type]
 
 
@@ -34,9 +35,16 @@ async def test_headers_are_sent_before_any_event(server: EventsServer) -> None:
 
 @pytest.mark.parametrize(
     "path",
-    ["/api/events/v1/connect/", "/api/events/v1/connect", "/events/v1/connect/", "/events/v1/connect"],
+    [
+        "/api/events/v1/connect/",
+        "/api/events/v1/connect",
+        "/events/v1/connect/",
+        "/events/v1/connect",
+    ],
 )
-async def test_both_paths_with_and_without_slash_become_ready(server: EventsServer, path: str) -> None:
+async def test_both_paths_with_and_without_slash_become_ready(
+    server: EventsServer, path: str
+) -> None:
     async with SSEReader(server.url([], path=path) + "&cachebust=123") as reader:
         assert await reader.wait_for("ready") and reader.data("ready") == [{}]
 
@@ -58,7 +66,9 @@ async def test_message_shape(server: EventsServer, exchange: aio_pika.abc.Abstra
         await reader.wait_for("ready")
         payload = {"status": {"taskId": "abc", "runs": [1, 2]}, "text": "two\nlines é"}
         await publish(
-            exchange, "primary.abc.x.y", json.dumps(payload, indent=2).encode(),
+            exchange,
+            "primary.abc.x.y",
+            json.dumps(payload, indent=2).encode(),
             headers={"CC": ["route.index.project.foo", "other.bar", "route.notify.x"]},
         )
         await publish(exchange, "secondary.abc", b'{"skipped": true}')  # does not match
@@ -128,12 +138,16 @@ async def test_streams_sharing_a_binding_each_get_the_message(
 
 
 async def test_messages_published_before_ready_elsewhere_do_not_leak_to_other_exchanges(
-    server: EventsServer, amqp: aio_pika.abc.AbstractChannel, exchange: aio_pika.abc.AbstractExchange
+    server: EventsServer,
+    amqp: aio_pika.abc.AbstractChannel,
+    exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
     other = await amqp.declare_exchange(f"exchange/test/{uuid.uuid4().hex[:12]}", "topic")
     try:
-        async with SSEReader(server.url([{"exchange": exchange.name, "routingKeyPattern": "#"}])) as a, \
-                SSEReader(server.url([{"exchange": other.name, "routingKeyPattern": "#"}])) as b:
+        async with (
+            SSEReader(server.url([{"exchange": exchange.name, "routingKeyPattern": "#"}])) as a,
+            SSEReader(server.url([{"exchange": other.name, "routingKeyPattern": "#"}])) as b,
+        ):
             await a.wait_for("ready")
             await b.wait_for("ready")
             await publish(exchange, "k", b"1")
@@ -163,14 +177,22 @@ BAD_INPUTS = [
     ("{not json", "The `bindings` query parameter is not valid JSON."),
     ('{"bindings": [], "foo": "bar"}', "The json query should have only one key i.e. `bindings`."),
     ("[1, 2]", "The json query should have only one key i.e. `bindings`."),
-    ('{"bindings": {"exchange": "e", "routingKeyPattern": "#"}}',
-     "Bindings must be an array of {exchange, routingKeyPattern}"),
-    ('{"bindings": [{"exchange": "e"}]}',
-     "Binding must include `exchange` and `routingKeyPattern` fields"),
-    ('{"bindings": [{"exchange": "e", "routingKeyPattern": 5}]}',
-     "bindings[0]: `routingKeyPattern` must be a string"),
-    ('{"bindings": [{"exchange": "amq.rabbitmq.trace", "routingKeyPattern": "#"}]}',
-     "bindings[0]: exchange `amq.rabbitmq.trace` is not allowed"),
+    (
+        '{"bindings": {"exchange": "e", "routingKeyPattern": "#"}}',
+        "Bindings must be an array of {exchange, routingKeyPattern}",
+    ),
+    (
+        '{"bindings": [{"exchange": "e"}]}',
+        "Binding must include `exchange` and `routingKeyPattern` fields",
+    ),
+    (
+        '{"bindings": [{"exchange": "e", "routingKeyPattern": 5}]}',
+        "bindings[0]: `routingKeyPattern` must be a string",
+    ),
+    (
+        '{"bindings": [{"exchange": "amq.rabbitmq.trace", "routingKeyPattern": "#"}]}',
+        "bindings[0]: exchange `amq.rabbitmq.trace` is not allowed",
+    ),
 ]
 
 
@@ -202,7 +224,9 @@ async def test_missing_exchange_ends_only_that_stream(
     missing = f"exchange/test/missing-{uuid.uuid4().hex[:8]}"
     async with SSEReader(server.url(good)) as healthy:
         await healthy.wait_for("ready")
-        async with SSEReader(server.url([*good, {"exchange": missing, "routingKeyPattern": "#"}])) as bad:
+        async with SSEReader(
+            server.url([*good, {"exchange": missing, "routingKeyPattern": "#"}])
+        ) as bad:
             await bad.wait_ended()
         assert [e.event for e in bad.events] == ["error"]
         assert json.loads(bad.events[0].data) == f"exchange `{missing}` does not exist"
@@ -211,7 +235,9 @@ async def test_missing_exchange_ends_only_that_stream(
         assert json.loads(message.data)["routingKey"] == "still.works"
         assert not healthy.ended.is_set()
         # A new stream on the good exchange still becomes ready (the bind channel was reopened).
-        async with SSEReader(server.url([{"exchange": exchange.name, "routingKeyPattern": "x.*"}])) as r:
+        async with SSEReader(
+            server.url([{"exchange": exchange.name, "routingKeyPattern": "x.*"}])
+        ) as r:
             await r.wait_for("ready")
 
 
@@ -242,7 +268,11 @@ async def test_no_binding_is_left_after_streams_close(
 ) -> None:
     patterns = ["a.*", "b.#", "#"]
     readers = [
-        SSEReader(server.url([{"exchange": exchange.name, "routingKeyPattern": p} for p in patterns[: i + 1]]))
+        SSEReader(
+            server.url(
+                [{"exchange": exchange.name, "routingKeyPattern": p} for p in patterns[: i + 1]]
+            )
+        )
         for i in range(3)
     ]
     for reader in readers:
@@ -250,7 +280,11 @@ async def test_no_binding_is_left_after_streams_close(
         await reader.wait_for("ready")
     assert server.broker_bindings() == sorted((exchange.name, p) for p in patterns)
     await readers[2].close()
-    await wait_until(lambda: server.broker_bindings() == sorted((exchange.name, p) for p in patterns[:2]), 15, 0.5)
+    await wait_until(
+        lambda: server.broker_bindings() == sorted((exchange.name, p) for p in patterns[:2]),
+        15,
+        0.5,
+    )
     for reader in readers[:2]:
         await reader.close()
     await wait_until(lambda: not server.broker_bindings(), timeout=15, interval=0.5)
@@ -262,8 +296,13 @@ def taskcluster_style_url(server: EventsServer, exchange: str, target_length: in
     reference = [{"name": f"key{i}", "multipleWords": False, "required": False} for i in range(10)]
     bindings: list[dict[str, object]] = []
     while True:
-        bindings.append({"exchange": exchange, "routingKeyPattern": f"p{len(bindings)}.#",
-                         "routingKeyReference": reference})
+        bindings.append(
+            {
+                "exchange": exchange,
+                "routingKeyPattern": f"p{len(bindings)}.#",
+                "routingKeyReference": reference,
+            }
+        )
         url = server.url(bindings)
         if len(url) - len(server.base) > target_length - 2000:
             break
@@ -291,3 +330,31 @@ async def test_empty_bindings_only_ping(server: EventsServer) -> None:
         await reader.wait_for("ping", 1, timeout=5)
     assert {e.event for e in reader.events} == {"ready", "ping"}
     assert reader.events[0].event == "ready"
+
+
+async def test_taskcluster_client_bindings_match_taskcluster_routing_keys(
+    server: EventsServer, amqp: aio_pika.abc.AbstractChannel
+) -> None:
+    import taskcluster
+
+    prefix = f"exchange/test-{uuid.uuid4().hex[:8]}/taskcluster-queue/v1/"
+    events = taskcluster.QueueEvents(
+        {"rootUrl": "https://tc.example.com", "exchangePrefix": prefix}
+    )
+    binding = events.taskCompleted({"taskId": "fN1kYkcFQXKUBy2dSlZ4XA"})
+    binding["routingKeyReference"] = [
+        {"name": "taskId", "multipleWords": False}
+    ]  # as the JS client
+    exchange = await amqp.declare_exchange(binding["exchange"], aio_pika.ExchangeType.TOPIC)
+    try:
+        async with SSEReader(server.url([binding])) as reader:
+            await reader.wait_for("ready")
+            tail = "0.wg.wid.proj-prov.wt.sched.groupid._"
+            await publish(exchange, f"primary.OTHERtaskIdAAAAAAAAAAA.{tail}", b'{"n": 0}')
+            await publish(exchange, f"primary.fN1kYkcFQXKUBy2dSlZ4XA.{tail}", b'{"n": 1}')
+            (message,) = await reader.wait_for("message")
+        data = json.loads(message.data)
+        assert data["payload"] == {"n": 1}
+        assert data["exchange"] == f"{prefix}task-completed"
+    finally:
+        await exchange.delete()

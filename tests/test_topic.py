@@ -107,12 +107,14 @@ async def test_trie_equals_rabbitmq_on_random_keys_and_patterns() -> None:
             expected[index].add(key)
 
     sentinel = "sentinel-" + uuid.uuid4().hex
-    connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1/",
-                                        client_properties={"connection_name": "test:topic"})
+    connection = await aio_pika.connect(
+        "amqp://guest:guest@127.0.0.1/", client_properties={"connection_name": "test:topic"}
+    )
     try:
         channel = await connection.channel()
         exchange = await channel.declare_exchange(
-            f"exchange/test/topic-{uuid.uuid4().hex[:8]}", aio_pika.ExchangeType.TOPIC,
+            f"exchange/test/topic-{uuid.uuid4().hex[:8]}",
+            aio_pika.ExchangeType.TOPIC,
             auto_delete=True,
         )
         received: dict[int, set[str]] = {index: set() for index in range(len(patterns))}
@@ -122,7 +124,9 @@ async def test_trie_equals_rabbitmq_on_random_keys_and_patterns() -> None:
             await queue.bind(exchange, routing_key=pattern)
             await queue.bind(exchange, routing_key=sentinel)
 
-            async def on_message(message: aio_pika.abc.AbstractIncomingMessage, i: int = index) -> None:
+            async def on_message(
+                message: aio_pika.abc.AbstractIncomingMessage, i: int = index
+            ) -> None:
                 key = message.body.decode()
                 if key == sentinel:
                     done[i].set()

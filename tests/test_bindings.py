@@ -1,0 +1,176 @@
+"""The bindings parser: every message of the contract, word for word."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import taskcluster
+
+from quart_events.bindings import (
+    MISSING,
+    NEED_FIELDS,
+    NOT_ARRAY,
+    NOT_JSON,
+    ONE_KEY,
+    Binding,
+    BindingError,
+    Limits,
+    parse_bindings,
+)
+
+
+def parse(value: object, limits: Limits | None = None) -> list[Binding]:
+    return parse_bindings(json.dumps(value), limits)
+
+
+def error_of(raw: str | None, limits: Limits | None = None) -> str:
+    with pytest.raises(BindingError) as caught:
+        parse_bindings(raw, limits)
+    return str(caught.value)
+
+
+def test_contract_messages_are_the_originals() -> None:
+    assert ONE_KEY == "The json query should have only one key i.e. `bindings`."
+    assert NOT_ARRAY == "Bindings must be an array of {exchange, routingKeyPattern}"
+    assert NEED_FIELDS == "Binding must include `exchange` and `routingKeyPattern` fields"
+    assert "`bindings` query parameter is required" in MISSING
+    assert "`bindings`" in NOT_JSON and "not valid JSON" in NOT_JSON
+
+
+def test_valid_bindings() -> None:
+    value = {
+        "bindings": [
+            {"exchange": "exchange/a", "routingKeyPattern": "x.*.#"},
+            {"exchange": "exchange/b", "routingKeyPattern": ""},
+        ]
+    }
+    assert parse(value) == [Binding("exchange/a", "x.*.#"), Binding("exchange/b", "")]
+
+
+def test_empty_array_is_allowed() -> None:
+    assert parse({"bindings": []}) == []
+
+
+def test_extra_fields_in_a_binding_are_ignored() -> None:
+    value = {
+        "bindings": [
+            {
+                "exchange": "e",
+                "routingKeyPattern": "#",
+                "routingKeyReference": [{"name": "taskId"}],
+                "foo": 1,
+            }
+        ]
+    }
+    assert parse(value) == [Binding("e", "#")]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (None, MISSING),
+        ("", MISSING),
+        ("{", NOT_JSON),
+        ("undefined", NOT_JSON),
+        ('{"bindings": NaN}', NOT_JSON),
+        ("[" * 100_000 + "]" * 100_000, NOT_JSON),
+        ("null", ONE_KEY),
+        ('"bindings"', ONE_KEY),
+        ('["bindings"]', ONE_KEY),
+        ("{}", ONE_KEY),
+        ('{"bindings": [], "x": 1}', ONE_KEY),
+        ('{"Bindings": []}', ONE_KEY),
+        ('{"bindings": null}', NOT_ARRAY),
+        ('{"bindings": "e"}', NOT_ARRAY),
+        ('{"bindings": {"exchange": "e", "routingKeyPattern": "#"}}', NOT_ARRAY),
+        ('{"bindings": [{"exchange": "e"}]}', NEED_FIELDS),
+        ('{"bindings": [{"routingKeyPattern": "#"}]}', NEED_FIELDS),
+        ('{"bindings": ["e"]}', NEED_FIELDS),
+        ('{"bindings": [null]}', NEED_FIELDS),
+        ('{"bindings": [{"exchange": "e", "routingKey": "#"}]}', NEED_FIELDS),
+    ],
+)
+def test_original_messages(raw: str | None, message: str) -> None:
+    assert error_of(raw) == message
+
+
+@pytest.mark.parametrize(
+    ("binding", "message"),
+    [
+        ({"exchange": 1, "routingKeyPattern": "#"}, "bindings[1]: `exchange` must be a string"),
+        ({"exchange": None, "routingKeyPattern": "#"}, "bindings[1]: `exchange` must be a string"),
+        (
+            {"exchange": "e", "routingKeyPattern": ["#"]},
+            "bindings[1]: `routingKeyPattern` must be a string",
+        ),
+        ({"exchange": "", "routingKeyPattern": "#"}, "bindings[1]: `exchange` must not be empty"),
+        (
+            {"exchange": "e" * 256, "routingKeyPattern": "#"},
+            "bindings[1]: `exchange` is longer than 255 bytes",
+        ),
+        (
+            {"exchange": "e", "routingKeyPattern": "é" * 128},
+            "bindings[1]: `routingKeyPattern` is longer than 255 bytes",
+        ),
+        (
+            {"exchange": "amq.topic", "routingKeyPattern": "#"},
+            "bindings[1]: exchange `amq.topic` is not allowed",
+        ),
+        (
+            {"exchange": "amq.rabbitmq.trace", "routingKeyPattern": "#"},
+            "bindings[1]: exchange `amq.rabbitmq.trace` is not allowed",
+        ),
+    ],
+)
+def test_checks_beyond_the_original_name_the_binding(
+    binding: dict[str, object], message: str
+) -> None:
+    good = {"exchange": "exchange/ok", "routingKeyPattern": "#"}
+    assert error_of(json.dumps({"bindings": [good, binding]})) == message
+
+
+def test_names_of_exactly_255_bytes_pass() -> None:
+    assert parse({"bindings": [{"exchange": "e" * 255, "routingKeyPattern": "k" * 255}]})
+
+
+def test_too_many_bindings() -> None:
+    value = {"bindings": [{"exchange": "e", "routingKeyPattern": str(i)} for i in range(4)]}
+    assert error_of(json.dumps(value), Limits(max_bindings=3)) == (
+        "Too many bindings: 4 given, at most 3 allowed"
+    )
+    assert len(parse(value, Limits(max_bindings=4))) == 4
+
+
+def test_allow_list() -> None:
+    limits = Limits(allowed_exchanges=("exchange/taskcluster-*",), denied_exchanges=("amq.*",))
+    assert parse(
+        {"bindings": [{"exchange": "exchange/taskcluster-queue/v1/x", "routingKeyPattern": "#"}]},
+        limits,
+    )
+    raw = json.dumps({"bindings": [{"exchange": "exchange/other", "routingKeyPattern": "#"}]})
+    assert error_of(raw, limits) == "bindings[0]: exchange `exchange/other` is not allowed"
+
+
+def test_bindings_built_by_the_taskcluster_client_are_accepted() -> None:
+    events = taskcluster.QueueEvents({"rootUrl": "https://tc.example.com"})
+    built = [
+        events.taskCompleted({"taskId": "fN1kYkcFQXKUBy2dSlZ4XA"}),
+        events.taskDefined({"taskGroupId": "abc"}),
+        events.taskFailed("primary.#"),
+    ]
+    # The JS client adds the reference of the routing key to each binding.
+    built[0]["routingKeyReference"] = [
+        {"name": "routingKeyKind", "constant": "primary", "multipleWords": False},
+        {"name": "taskId", "multipleWords": False},
+        {"name": "reserved", "multipleWords": True},
+    ]
+    parsed = parse({"bindings": built})
+    assert parsed[0] == Binding(
+        "exchange/taskcluster-queue/v1/task-completed",
+        "primary.fN1kYkcFQXKUBy2dSlZ4XA.*.*.*.*.*.*.*.#",
+    )
+    assert [b.exchange for b in parsed[1:]] == [
+        "exchange/taskcluster-queue/v1/task-defined",
+        "exchange/taskcluster-queue/v1/task-failed",
+    ]

@@ -1,0 +1,124 @@
+"""The tc-events command: check-bindings through CliRunner, server as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from helpers import ROOT, free_port
+
+from quart_events.bindings import NOT_ARRAY
+from quart_events.cli import main
+
+VALID = json.dumps(
+    {
+        "bindings": [
+            {"exchange": "exchange/a", "routingKeyPattern": "x.#"},
+            {"exchange": "exchange/b", "routingKeyPattern": "*"},
+        ]
+    }
+)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def test_check_bindings_valid(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check-bindings", VALID])
+    assert result.exit_code == 0
+    assert result.output == "2 bindings, valid:\n  exchange/a  x.#\n  exchange/b  *\n"
+
+
+def test_check_bindings_from_stdin(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check-bindings", "-"], input=VALID)
+    assert result.exit_code == 0 and "2 bindings, valid" in result.output
+
+
+def test_check_bindings_invalid_prints_the_client_message(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check-bindings", '{"bindings": 1}'])
+    assert result.exit_code == 1
+    assert result.stderr == NOT_ARRAY + "\n"
+
+
+def test_check_bindings_uses_the_profile_limits(runner: CliRunner, tmp_path: object) -> None:
+    amq = json.dumps({"bindings": [{"exchange": "amq.rabbitmq.log", "routingKeyPattern": "#"}]})
+    result = runner.invoke(main, ["check-bindings", amq])
+    assert result.exit_code == 1 and "not allowed" in result.stderr
+
+
+def test_usage_errors_exit_2(runner: CliRunner) -> None:
+    assert runner.invoke(main, ["check-bindings"]).exit_code == 2
+    assert runner.invoke(main, ["server", "--port", "notaport"]).exit_code == 2
+    assert runner.invoke(main, ["server", "--profile", "staging"]).exit_code == 2
+    assert runner.invoke(main, ["nonsense"]).exit_code == 2
+
+
+def test_help_explains_every_option(runner: CliRunner) -> None:
+    top = runner.invoke(main, ["--help"]).output
+    assert "server" in top and "check-bindings" in top
+    server_help = runner.invoke(main, ["server", "--help"]).output
+    for option in ("--profile", "--config", "--host", "--port"):
+        assert option in server_help
+    assert "standard input" in runner.invoke(main, ["check-bindings", "--help"]).output
+
+
+def test_missing_config_file_is_one_clear_line(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["check-bindings", "--config", "/nonexistent.yml", VALID])
+    assert result.exit_code == 1
+    assert "config file /nonexistent.yml does not exist" in result.stderr
+
+
+def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "quart_events", "server", "--profile", "test", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_server_with_unreachable_broker_says_so_in_one_line() -> None:
+    closed_port = free_port()
+    result = run_server(
+        "--port",
+        str(free_port()),
+        env={"PULSE_PORT": str(closed_port), "PULSE_PASSWORD": "pw-s3cret"},
+    )
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert errors[-1] == (
+        f"tc-events: cannot reach RabbitMQ at localhost:{closed_port}: connection refused"
+    )
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr + result.stdout
+
+
+def test_server_with_wrong_password_says_login_refused() -> None:
+    result = run_server("--port", str(free_port()), env={"PULSE_PASSWORD": "wrong"})
+    assert result.returncode == 1
+    assert "login refused for user 'guest'" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and "wrong" not in result.stderr
+
+
+def test_server_with_bad_setting_exits_1() -> None:
+    result = run_server(env={"TC_EVENTS_SERVER__PING_INTERVAL": "-1"})
+    assert result.returncode == 1
+    assert (
+        "environment variable TC_EVENTS_SERVER__PING_INTERVAL: server.ping_interval"
+        in result.stderr
+    )
+
+
+def test_python_m_and_console_script_agree() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "quart_events", "--help"], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0 and "Usage: tc-events" in result.stdout

@@ -8,11 +8,13 @@ would otherwise wait for open streams (or cut them) instead of ending them clean
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from hypercorn.asyncio import serve
@@ -28,6 +30,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 CONNECT_PATHS = ("/api/events/v1/connect/", "/events/v1/connect/")
+STATS_PATH = "/api/events/v1/__stats__"
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -48,7 +51,7 @@ class Service:
         """Connect to the broker and start pinging; raise ``BrokerUnavailable``. Idempotent."""
         if self.started:
             return
-        await self.broker.start()
+        await self.broker.start(wait=self.settings.pulse.start_without_broker)
         self.hub.start()
         self.started = True
 
@@ -66,9 +69,10 @@ def service_of(app: Quart) -> Service:
     return service
 
 
-def create_app(settings: Settings) -> Quart:
+def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Quart:
+    """The service; ``reload`` reads the settings again (credentials on each reconnect)."""
     app = Quart(__name__)
-    broker = Broker(settings.pulse)
+    broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
     service = Service(settings, broker, Hub(settings.server, broker))
     app.extensions["tc_events"] = service
     server = settings.server
@@ -103,11 +107,31 @@ def create_app(settings: Settings) -> Quart:
             )
         return _stream_response(_events(service.hub, bindings), cors(STREAM_HEADERS))
 
+    async def stats() -> Response:
+        """Counts for operators and tests; nothing about the broker's address or users."""
+        body = {
+            **service.hub.stats(),
+            "broker_connected": broker.is_connected,
+            "tasks": len(asyncio.all_tasks()),
+            "rss_bytes": _rss_bytes(),
+        }
+        return Response(json.dumps(body), headers={"Content-Type": "application/json"})
+
+    app.add_url_rule(STATS_PATH, view_func=stats, methods=["GET"], strict_slashes=False)
     for path in CONNECT_PATHS:
         app.add_url_rule(
             path, view_func=connect, methods=["GET"], strict_slashes=False, endpoint=path
         )
     return app
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (Linux), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _stream_response(body: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
@@ -125,6 +149,7 @@ async def _events(hub: Hub, bindings: list) -> AsyncIterator[bytes]:  # type: ig
     # The stream is opened inside the generator: if the client leaves before the
     # body starts, nothing was registered and nothing can leak.
     stream: Stream = hub.open(bindings)
+    stream.task = asyncio.current_task()  # so a stuck write can be cancelled
     try:
         while (chunk := await stream.next_chunk()) is not None:
             yield chunk

@@ -15,16 +15,17 @@ import contextlib
 import errno
 import json
 import logging
+import random
 import socket
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import aiormq
 import aiormq.exceptions
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic as _Basic
 
@@ -34,6 +35,10 @@ from .settings import PulseSettings
 log = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
+
+
+# What a lost connection or a closed channel raises from aiormq; worth a retry.
+TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
 class BrokerError(Exception):
@@ -48,12 +53,13 @@ class BindFailed(BrokerError):
     """A binding could not be made; the message names the exchange, nothing internal."""
 
 
-def decode_payload(body: bytes) -> Any:
-    """The body as JSON, or as text (invalid UTF-8 replaced) when it is not JSON."""
+def decode_payload(body: bytes) -> tuple[Any, bool]:
+    """The body as JSON, or as text (invalid UTF-8 replaced) when it is not JSON; and
+    whether it was JSON."""
     try:
-        return json.loads(body)
+        return json.loads(body), True
     except (ValueError, RecursionError):
-        return body.decode("utf-8", "replace")
+        return body.decode("utf-8", "replace"), False
 
 
 def routes_of(headers: dict[str, Any] | None) -> list[str]:
@@ -96,65 +102,160 @@ def describe_connect_error(settings: PulseSettings, error: BaseException) -> str
 
 
 class Broker:
-    """The process's queue on RabbitMQ: declare, consume, bind, unbind."""
+    """The process's queue on RabbitMQ: connect and reconnect, consume, bind, unbind.
 
-    def __init__(self, settings: PulseSettings, name: str = "tc-events") -> None:
+    Every connection gets a fresh queue name: after a cut, the broker may still hold
+    the old exclusive queue for the dead connection until its heartbeat runs out.
+    ``generation`` counts connections; ``on_connected`` runs after each one so the
+    hub can restore the bindings made on an earlier one.
+    """
+
+    def __init__(
+        self,
+        settings: PulseSettings,
+        settings_source: Callable[[], PulseSettings] | None = None,
+        name: str = "tc-events",
+    ) -> None:
         self.settings = settings
         self.name = name
         self.on_delivery: DeliveryHandler = lambda *_: None
-        self.queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
+        self.on_connected: Callable[[], Awaitable[None]] = _nothing
+        self.queue_name = ""
+        self.generation = 0
+        self._settings_source = settings_source
         self._connection: AbstractConnection | None = None
-        self._consume_channel: aiormq.abc.AbstractChannel | None = None
+        self._consume_channel: AbstractChannel | None = None
         self._bind_channel: aiormq.abc.AbstractChannel | None = None
         self._bind_lock = asyncio.Lock()
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
         self._unacked = 0
 
     @property
     def is_connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        return self._connected.is_set()
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
-        if not self.settings.tls:
-            return None
-        context = ssl.create_default_context(
-            cafile=str(self.settings.tls_ca_file) if self.settings.tls_ca_file else None
-        )
-        return context
+    async def start(self, wait: bool = False) -> None:
+        """Connect now (raise ``BrokerUnavailable``), or with ``wait`` keep trying in the
+        background; either way, reconnect whenever the connection is lost."""
+        if not wait:
+            await self._connect()
+        self._supervisor = asyncio.ensure_future(self._supervise())
 
-    async def start(self) -> None:
-        """Connect, declare the queue and start consuming; raise ``BrokerUnavailable``."""
-        settings = self.settings
+    async def close(self) -> None:
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        self._connected.clear()
+        connection, self._connection = self._connection, None
+        self._consume_channel = self._bind_channel = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    # -- connection ---------------------------------------------------------------
+
+    def _current_settings(self) -> PulseSettings:
+        """Settings read again (a rotated password takes effect on the next connect)."""
+        if self._settings_source is not None:
+            try:
+                self.settings = self._settings_source()
+            except Exception as error:  # keep the last good settings
+                log.warning("could not read the settings again, keeping the old ones: %s", error)
+        return self.settings
+
+    async def _connect(self) -> None:
+        settings = self._current_settings()
+        context = None
+        if settings.tls:
+            cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
+            context = ssl.create_default_context(cafile=cafile)
+        queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
+        connection: AbstractConnection | None = None
         try:
-            self._connection = await aio_pika.connect(
+            connection = await aio_pika.connect(
                 host=settings.hostname,
                 port=settings.port,
                 login=settings.username,
                 password=settings.password.get_secret_value(),
                 virtualhost=settings.vhost,
                 ssl=settings.tls,
-                ssl_context=self._ssl_context(),
+                ssl_context=context,
                 timeout=settings.connect_timeout,
+                heartbeat=settings.heartbeat,
                 client_properties={"connection_name": self.name},
             )
-            channel = await self._connection.channel(publisher_confirms=False)
-            self._consume_channel = await channel.get_underlay_channel()
-            await self._declare_and_consume(self._consume_channel)
+            channel = await connection.channel(publisher_confirms=False)
+            await self._declare_and_consume(await channel.get_underlay_channel(), queue_name)
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as error:
-            await self.close()
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    await connection.close()
             raise BrokerUnavailable(describe_connect_error(settings, error)) from error
+        self._connection, self._consume_channel = connection, channel
+        self._bind_channel = None
+        self.queue_name = queue_name
+        self.generation += 1
+        connection.close_callbacks.add(self._on_close)
+        channel.close_callbacks.add(self._on_close)
+        self._lost.clear()
+        self._connected.set()
 
-    async def _declare_and_consume(self, channel: aiormq.abc.AbstractChannel) -> None:
-        # Exclusive and auto-delete: the queue lives as long as this process's connection.
+    def _on_close(self, sender: Any, error: BaseException | None = None) -> None:
+        if sender is not self._connection and sender is not self._consume_channel:
+            return  # an old connection, or our own close
+        self._connected.clear()
+        self._lost.set()
+
+    async def _supervise(self) -> None:
+        settings = self.settings
+        delay = settings.reconnect_min_delay
+        while True:
+            if not self._connected.is_set():
+                try:
+                    await self._connect()
+                except BrokerUnavailable as error:
+                    pause = delay * random.uniform(0.75, 1.25)  # spread many instances out
+                    log.warning("%s; retrying in %.1f s", error, pause)
+                    await asyncio.sleep(pause)
+                    delay = min(delay * 2, self.settings.reconnect_max_delay)
+                    continue
+                delay = self.settings.reconnect_min_delay
+                log.info(
+                    "connected to RabbitMQ at %s:%s, queue %s",
+                    self.settings.hostname,
+                    self.settings.port,
+                    self.queue_name,
+                )
+                try:
+                    await self.on_connected()
+                except Exception:
+                    log.exception("restoring bindings failed")
+            await self._lost.wait()
+            log.warning("lost the connection to RabbitMQ; reconnecting")
+            old, self._connection = self._connection, None
+            self._consume_channel = self._bind_channel = None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+
+    async def _declare_and_consume(
+        self, channel: aiormq.abc.AbstractChannel, queue_name: str
+    ) -> None:
+        # Exclusive and auto-delete: the queue lives as long as this connection.
         # The length limit keeps a stalled process from growing the broker without end.
         await channel.queue_declare(
-            self.queue_name,
+            queue_name,
             exclusive=True,
             auto_delete=True,
             arguments={"x-max-length": self.settings.queue_max_length},
         )
         await channel.basic_qos(prefetch_count=self.settings.prefetch_count)
         self._unacked = 0
-        await channel.basic_consume(self.queue_name, self._on_message)
+        await channel.basic_consume(queue_name, self._on_message)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = message.delivery
@@ -170,50 +271,87 @@ class Broker:
         self._unacked += 1
         if self._unacked * 2 >= self.settings.prefetch_count:
             self._unacked = 0
-            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+            with contextlib.suppress(*TRANSIENT):
                 await message.channel.basic_ack(delivery.delivery_tag or 0, multiple=True)
+
+    # -- bindings -------------------------------------------------------------------
 
     async def _binding_channel(self) -> aiormq.abc.AbstractChannel:
         if self._bind_channel is None or self._bind_channel.is_closed:
-            if self._connection is None or self._connection.is_closed:
+            if self._connection is None or not self._connected.is_set():
                 raise BrokerUnavailable("the message broker is not connected")
             channel = await self._connection.channel(publisher_confirms=False)
             self._bind_channel = await channel.get_underlay_channel()
         return self._bind_channel
 
-    async def bind(self, binding: Binding) -> None:
-        """Bind the queue; raise ``BindFailed`` naming the exchange when RabbitMQ refuses."""
-        async with self._bind_lock:
+    async def bind(self, binding: Binding) -> int:
+        """Bind the queue and return the connection generation it was made on.
+
+        Waits for the broker up to ``wait_for_broker`` seconds (retrying a bind that a
+        lost connection interrupted); raises ``BindFailed`` naming the exchange when
+        RabbitMQ refuses it.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.wait_for_broker
+        unavailable = BindFailed(
+            f"could not bind to exchange `{binding.exchange}`: "
+            "the message broker is unavailable, try again later"
+        )
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise unavailable
             try:
-                channel = await self._binding_channel()
-                await channel.queue_bind(
-                    self.queue_name, binding.exchange, routing_key=binding.routing_key_pattern
-                )
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                raise BindFailed(f"exchange `{binding.exchange}` does not exist") from None
-            except aiormq.exceptions.ChannelAccessRefused:
-                raise BindFailed(f"access to exchange `{binding.exchange}` refused") from None
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
-                log.warning("bind to %s failed: %r", binding.exchange, error)
-                raise BindFailed(
-                    f"could not bind to exchange `{binding.exchange}`: "
-                    "the message broker is unavailable"
-                ) from None
+                await asyncio.wait_for(self._connected.wait(), remaining)
+            except TimeoutError:
+                raise unavailable from None
+            generation = self.generation
+            async with self._bind_lock:
+                try:
+                    channel = await self._binding_channel()
+                    await channel.queue_bind(
+                        self.queue_name,
+                        binding.exchange,
+                        routing_key=binding.routing_key_pattern,
+                        timeout=self.settings.connect_timeout,
+                    )
+                    return generation
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    raise BindFailed(f"exchange `{binding.exchange}` does not exist") from None
+                except aiormq.exceptions.ChannelAccessRefused:
+                    raise BindFailed(f"access to exchange `{binding.exchange}` refused") from None
+                except (
+                    TimeoutError,
+                    aiormq.exceptions.AMQPError,
+                    ConnectionError,
+                    RuntimeError,
+                    BrokerUnavailable,
+                ) as error:
+                    log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
+            await asyncio.sleep(0.05)
 
     async def unbind(self, binding: Binding) -> None:
+        if not self._connected.is_set():
+            return  # the queue went with the connection, and its bindings with it
         async with self._bind_lock:
             try:
                 channel = await self._binding_channel()
                 await channel.queue_unbind(
-                    self.queue_name, binding.exchange, routing_key=binding.routing_key_pattern
+                    self.queue_name,
+                    binding.exchange,
+                    routing_key=binding.routing_key_pattern,
+                    timeout=self.settings.connect_timeout,
                 )
-            except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError, BrokerError) as e:
+            except (
+                TimeoutError,
+                aiormq.exceptions.AMQPError,
+                ConnectionError,
+                RuntimeError,
+                BrokerError,
+            ) as e:
                 # The queue is exclusive: whatever is left goes with the connection.
                 log.info("unbind from %s failed: %r", binding.exchange, e)
 
-    async def close(self) -> None:
-        connection, self._connection = self._connection, None
-        self._consume_channel = self._bind_channel = None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+
+async def _nothing() -> None:
+    return None

@@ -82,8 +82,9 @@ def server(
 ) -> None:
     """Run the events service until SIGTERM or SIGINT."""
     overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
-    settings = _settings(profile, config_file, {"server": overrides} if overrides else {})
-    app = create_app(settings)
+    flags = {"server": overrides} if overrides else {}
+    settings = _settings(profile, config_file, flags)
+    app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
     where = f"http://{settings.server.host}:{settings.server.port}"
     try:
         asyncio.run(serve_app(app))

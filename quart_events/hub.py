@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from . import sse
 from .bindings import Binding
@@ -26,22 +27,29 @@ from .settings import ServerSettings
 from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOO_SLOW = "The stream was closed because the client read it too slowly."
 SHUTTING_DOWN = "The server is shutting down."
 
 
-def _failure(task: asyncio.Task[None]) -> BaseException | None:
+def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     """Why a finished broker operation failed, or ``None`` when it succeeded."""
     if task.cancelled():
         return BrokerError("the operation was cancelled")
     return task.exception()
 
 
+def _client_message(error: BaseException) -> str:
+    return str(error) if isinstance(error, BrokerError) else "binding failed"
+
+
 class Binder(Protocol):
     on_delivery: Callable[[str, str, bool, bytes, dict[str, Any] | None], None]
+    on_connected: Callable[[], Awaitable[None]]
+    generation: int
 
-    async def bind(self, binding: Binding) -> None: ...
+    async def bind(self, binding: Binding) -> int: ...
 
     async def unbind(self, binding: Binding) -> None: ...
 
@@ -57,30 +65,47 @@ class Stream:
         self.buffered_bytes = 0
         self.finished = False
         self.joined = False  # in the topic tries: gets messages
+        self.generation = 0  # the broker connection its last `ready` was for
+        self.pending_since = 0.0  # when the oldest unwritten frame was queued
+        self.task: asyncio.Task[Any] | None = None  # the task writing it to the client
         self._wake = asyncio.Event()
 
-    def push(self, frame: bytes) -> None:
+    def push(self, frame: bytes) -> bool:
+        """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
         if self.finished:
-            return
+            return True
         if len(self.frames) >= self.max_frames or self.buffered_bytes + len(frame) > self.max_bytes:
             # Drop what the client did not read: memory stays bounded, the client is told why.
             self.frames.clear()
             self.buffered_bytes = 0
             self.finish(sse.error(TOO_SLOW))
-            return
+            return False
+        if not self.frames:
+            self.pending_since = time.monotonic()
         self.frames.append(frame)
         self.buffered_bytes += len(frame)
         self._wake.set()
+        return True
 
     def finish(self, last_frame: bytes | None = None) -> None:
         """End the stream after what is buffered, and ``last_frame``."""
         if self.finished:
             return
         if last_frame is not None:
+            if not self.frames:
+                self.pending_since = time.monotonic()
             self.frames.append(last_frame)
             self.buffered_bytes += len(last_frame)
         self.finished = True
         self._wake.set()
+
+    def abort(self) -> None:
+        """Stop writing to a client that does not take what is written (gone or stuck)."""
+        self.finish()
+        self.frames.clear()
+        self.buffered_bytes = 0
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
 
     async def next_chunk(self) -> bytes | None:
         """All frames waiting, as one write; ``None`` when the stream has ended."""
@@ -98,12 +123,18 @@ class Stream:
 class _Entry:
     """A binding's life on the broker, shared by the streams that use it."""
 
-    __slots__ = ("binding", "bound", "refs")
+    __slots__ = ("binding", "bound", "generation", "refs")
 
-    def __init__(self, binding: Binding, bound: asyncio.Task[None]) -> None:
+    def __init__(self, binding: Binding, bound: asyncio.Task[int]) -> None:
         self.binding = binding
-        self.bound = bound
+        self.bound = bound  # the bind; replaced by a failed rebind after a reconnect
         self.refs = 0
+        self.generation = 0  # the broker connection it is bound on
+        bound.add_done_callback(self._bound)
+
+    def _bound(self, task: asyncio.Task[int]) -> None:
+        if _failure(task) is None:
+            self.generation = task.result()
 
 
 class Hub:
@@ -113,13 +144,15 @@ class Hub:
         self.settings = settings
         self.binder = binder
         binder.on_delivery = self.deliver
+        binder.on_connected = self.restore
         self.streams: set[Stream] = set()
         self._entries: dict[Binding, _Entry] = {}
         self._stream_entries: dict[Stream, list[_Entry]] = {}
         self._activations: dict[Stream, asyncio.Task[None]] = {}
-        self._last_op: dict[Binding, asyncio.Task[None]] = {}
+        self._last_op: dict[Binding, asyncio.Task[Any]] = {}
         self._tries: dict[str, TopicTrie[Stream]] = {}
         self._pinger: asyncio.Task[None] | None = None
+        self.counters = {"deliveries": 0, "non_json": 0, "too_slow": 0, "stuck": 0}
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -130,8 +163,15 @@ class Hub:
         while True:
             await asyncio.sleep(self.settings.ping_interval)
             frame = sse.ping()
+            stuck_before = time.monotonic() - self.settings.write_timeout
             for stream in list(self.streams):
-                stream.push(frame)
+                if stream.frames and stream.pending_since < stuck_before:
+                    # Nothing was written for write_timeout: the client is gone or stuck.
+                    self.counters["stuck"] += 1
+                    stream.abort()
+                    self.close(stream)
+                elif not stream.push(frame):
+                    self.counters["too_slow"] += 1
 
     def begin_shutdown(self) -> None:
         """End every stream with a frame that makes an EventSource reconnect, spread out."""
@@ -147,7 +187,9 @@ class Hub:
                 await self._pinger
         pending = list(self._last_op.values())
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            _, unfinished = await asyncio.wait(pending, timeout=5)
+            for task in unfinished:
+                task.cancel()
 
     # -- streams ---------------------------------------------------------------
 
@@ -167,15 +209,47 @@ class Hub:
         for entry in entries:
             error = _failure(entry.bound)
             if error is not None:
-                message = str(error) if isinstance(error, BrokerError) else "binding failed"
-                stream.finish(sse.error(message))
+                stream.finish(sse.error(_client_message(error)))
                 return
         for binding in stream.bindings:
             self._tries.setdefault(binding.exchange, TopicTrie()).add(
                 binding.routing_key_pattern, stream
             )
         stream.joined = True
+        stream.generation = self.binder.generation
         stream.push(sse.READY)
+
+    async def restore(self) -> None:
+        """After a reconnect: bind again what was bound before, then `ready` each stream
+        again; a stream whose exchange is gone gets an `error` instead."""
+        generation = self.binder.generation
+        stale = [
+            entry
+            for entry in self._entries.values()
+            if entry.bound.done()
+            and _failure(entry.bound) is None
+            and entry.generation < generation
+        ]
+        rebinds = {entry: self._schedule(entry.binding, self.binder.bind) for entry in stale}
+        if rebinds:
+            await asyncio.wait(rebinds.values())
+        failed: dict[Binding, BaseException] = {}
+        for entry, task in rebinds.items():
+            error = _failure(task)
+            if error is None:
+                entry.generation = task.result()
+            else:
+                failed[entry.binding] = error
+                entry.bound = task  # a later stream will try to bind it afresh
+        for stream in list(self.streams):
+            if not stream.joined or stream.finished or stream.generation >= generation:
+                continue
+            errors = [failed[binding] for binding in stream.bindings if binding in failed]
+            if errors:
+                stream.finish(sse.error(_client_message(errors[0])))
+            else:
+                stream.generation = generation
+                stream.push(sse.READY)
 
     def close(self, stream: Stream) -> None:
         """Forget a stream (its client left or it ended); unbind what nobody else uses."""
@@ -219,20 +293,20 @@ class Hub:
         self._schedule(entry.binding, unbind)
 
     def _schedule(
-        self, binding: Binding, operation: Callable[[Binding], Awaitable[None]]
-    ) -> asyncio.Task[None]:
+        self, binding: Binding, operation: Callable[[Binding], Awaitable[T]]
+    ) -> asyncio.Task[T]:
         """Run ``operation`` after every earlier operation on the same binding."""
         previous = self._last_op.get(binding)
 
-        async def run() -> None:
+        async def run() -> T:
             if previous is not None:
                 await asyncio.wait([previous])
-            await operation(binding)
+            return await operation(binding)
 
         task = asyncio.ensure_future(run())
         self._last_op[binding] = task
 
-        def done(finished: asyncio.Task[None]) -> None:
+        def done(finished: asyncio.Task[T]) -> None:
             if self._last_op.get(binding) is finished:
                 del self._last_op[binding]
             if not finished.cancelled() and finished.exception() is not None:
@@ -252,20 +326,33 @@ class Hub:
         headers: dict[str, Any] | None,
     ) -> None:
         """Fan one delivery out: decode and frame it once, for every matching stream."""
+        self.counters["deliveries"] += 1
         trie = self._tries.get(exchange)
         if trie is None:
             return
         streams = trie.match(routing_key)
         if not streams:
             return
-        frame = sse.message(
-            decode_payload(body), exchange, routing_key, redelivered, routes_of(headers)
-        )
+        payload, is_json = decode_payload(body)
+        if not is_json:
+            self.counters["non_json"] += 1
+        frame = sse.message(payload, exchange, routing_key, redelivered, routes_of(headers))
         for stream in streams:
-            stream.push(frame)
+            if not stream.push(frame):
+                self.counters["too_slow"] += 1
 
     # -- introspection (tests, metrics) ------------------------------------------
 
     def bound_bindings(self) -> set[Binding]:
         """Bindings this process holds on the broker or is about to."""
         return set(self._entries)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "streams": len(self.streams),
+            "bindings": len(self._entries),
+            "pending_broker_operations": len(self._last_op),
+            "buffered_bytes": sum(stream.buffered_bytes for stream in self.streams),
+            "trie_entries": sum(len(trie) for trie in self._tries.values()),
+            **self.counters,
+        }

@@ -60,6 +60,7 @@ class ServerSettings(BaseModel):
     buffer_messages: int = Field(ge=1)
     buffer_bytes: int = Field(ge=1024)
     max_request_line: int = Field(ge=1024)
+    write_timeout: float = Field(gt=0)
     shutdown_grace: float = Field(gt=0)
     retry_min_ms: int = Field(ge=0)
     retry_max_ms: int = Field(ge=0)
@@ -90,6 +91,11 @@ class PulseSettings(BaseModel):
     tls: bool
     tls_ca_file: Path | None = None
     connect_timeout: float = Field(gt=0)
+    heartbeat: int = Field(ge=0, le=65535)
+    start_without_broker: bool
+    wait_for_broker: float = Field(ge=0)
+    reconnect_min_delay: float = Field(gt=0)
+    reconnect_max_delay: float = Field(gt=0)
     queue_max_length: int = Field(ge=1)
     prefetch_count: int = Field(ge=1, le=65535)
 

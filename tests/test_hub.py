@@ -28,17 +28,20 @@ class RecordingBinder:
 
     def __init__(self) -> None:
         self.on_delivery: Any = None
+        self.on_connected: Any = None
+        self.generation = 1
         self.calls: list[tuple[str, Binding]] = []
         self.bound: set[Binding] = set()
         self.release = asyncio.Event()
         self.release.set()
 
-    async def bind(self, binding: Binding) -> None:
+    async def bind(self, binding: Binding) -> int:
         self.calls.append(("bind", binding))
         await self.release.wait()
         if binding.exchange == MISSING.exchange:
             raise BindFailed(f"exchange `{binding.exchange}` does not exist")
         self.bound.add(binding)
+        return self.generation
 
     async def unbind(self, binding: Binding) -> None:
         self.calls.append(("unbind", binding))
@@ -169,3 +172,32 @@ async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:
         assert last.startswith(b"id:\nretry: ") and stream.finished
         retries.add(int(last.split(b"retry: ")[1]))
     assert all(100 <= r <= 200 for r in retries) and len(retries) > 1
+
+
+async def test_restore_binds_again_and_sends_ready_again_or_an_error() -> None:
+    hub, binder = make_hub()
+    gone = Binding("exchange/gone", "#")
+    healthy, failing = hub.open([A]), hub.open([A, gone])
+    await settle()
+    assert await frames(healthy) == sse.READY and await frames(failing) == sse.READY
+    healthy.frames.clear()
+    failing.frames.clear()
+    # The broker came back as connection 2, and exchange/gone no longer exists.
+    binder.generation = 2
+    binder.bound.clear()
+    original_bind = binder.bind
+
+    async def bind(binding: Binding) -> int:
+        if binding == gone:
+            raise BindFailed(f"exchange `{binding.exchange}` does not exist")
+        return await original_bind(binding)
+
+    binder.bind = bind  # type: ignore[method-assign]
+    await hub.restore()
+    assert binder.bound == {A}
+    assert list(healthy.frames) == [sse.READY]
+    assert list(failing.frames) == [sse.error("exchange `exchange/gone` does not exist")]
+    assert failing.finished and not healthy.finished
+    # A stream that joined on the current connection gets no second ready.
+    await hub.restore()
+    assert list(healthy.frames) == [sse.READY]

@@ -72,10 +72,14 @@ class EventsServer:
 
     @classmethod
     def start(
-        cls, extra_env: dict[str, str] | None = None, port: int | None = None
+        cls,
+        extra_env: dict[str, str] | None = None,
+        port: int | None = None,
+        args: Sequence[str] = (),
+        namespace: str | None = None,
     ) -> EventsServer:
         port = port or free_port()
-        namespace = f"test-{uuid.uuid4().hex[:10]}"
+        namespace = namespace or f"test-{uuid.uuid4().hex[:10]}"
         env = {**os.environ, "PULSE_NAMESPACE": namespace, **(extra_env or {})}
         log_path = Path(f"/tmp/tc-events-test-{namespace}.log")
         log_file = log_path.open("wb")
@@ -89,6 +93,7 @@ class EventsServer:
                 "test",
                 "--port",
                 str(port),
+                *args,
             ],
             env=env,
             cwd=ROOT,
@@ -116,12 +121,20 @@ class EventsServer:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, extra_env: dict[str, str] | None = None) -> Iterator[EventsServer]:
-        server = cls.start(extra_env)
+    def running(
+        cls, extra_env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> Iterator[EventsServer]:
+        server = cls.start(extra_env, args=args)
         try:
             yield server
         finally:
             server.stop()
+
+    def stats(self) -> dict[str, Any]:
+        """The server's own counts (streams, bindings, tasks, memory)."""
+        response = httpx.get(f"{self.base}/api/events/v1/__stats__", timeout=10)
+        response.raise_for_status()
+        return dict(response.json())
 
     def broker_bindings(self) -> list[tuple[str, str]]:
         """(exchange, routing key) of this server's queue, as RabbitMQ itself lists them."""

@@ -159,7 +159,8 @@ async def _events(hub: Hub, bindings: list) -> AsyncIterator[bytes]:  # type: ig
 
 def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:
     config = HypercornConfig()
-    config.bind = [f"fd://{listener.fileno()}"]
+    # hypercorn closes the socket it is given: give it its own descriptor of ours.
+    config.bind = [f"fd://{os.dup(listener.fileno())}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.server.shutdown_grace
@@ -184,6 +185,12 @@ async def serve_app(app: Quart) -> None:
     except OSError:
         await service.stop()
         raise
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        # Accepted sockets inherit it (Linux): a client that vanished, or that stopped
+        # reading for good, makes writes fail after write_timeout, and the kernel
+        # frees the connection that hypercorn would otherwise keep waiting to flush.
+        timeout_ms = int(server.write_timeout * 1000)
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
     with listener:
         host, port = listener.getsockname()[:2]
         log.info(

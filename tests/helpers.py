@@ -55,6 +55,7 @@ class EventsServer:
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    _http: httpx.Client | None = None
 
     @property
     def base(self) -> str:
@@ -110,6 +111,8 @@ class EventsServer:
         return server
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self._http is not None:
+            self._http.close()
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -131,8 +134,11 @@ class EventsServer:
             server.stop()
 
     def stats(self) -> dict[str, Any]:
-        """The server's own counts (streams, bindings, tasks, memory)."""
-        response = httpx.get(f"{self.base}/api/events/v1/__stats__", timeout=10)
+        """The server's own counts (streams, bindings, tasks, memory), over one kept-alive
+        connection, so that asking does not itself leave connections behind to count."""
+        if self._http is None:
+            self._http = httpx.Client(timeout=10)
+        response = self._http.get(f"{self.base}/api/events/v1/__stats__")
         response.raise_for_status()
         return dict(response.json())
 

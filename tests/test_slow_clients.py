@@ -1,0 +1,124 @@
+"""Slow and vanished clients: bounded memory, an `error` that says why, cleanup.
+
+The slow client is a raw socket that sends its request and then stops reading,
+with a small receive buffer so the server's writes back up quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from helpers import AMQP_URL, EventsServer, SSEReader, bindings_param, wait_until
+from quart_events.hub import TOO_SLOW
+
+pytestmark = pytest.mark.asyncio
+
+MESSAGE = json.dumps({"pad": "x" * 10_000}).encode()  # about 10 KiB
+MESSAGES = 5_000  # about 50 MB in all
+
+
+@pytest.fixture
+async def topic() -> AsyncIterator[aio_pika.abc.AbstractExchange]:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            f"exchange/test/slow-{uuid.uuid4().hex[:6]}", aio_pika.ExchangeType.TOPIC
+        )
+        yield exchange
+        await exchange.delete()
+
+
+class StalledClient:
+    """Opens a stream, reads the response headers, then reads nothing more."""
+
+    def __init__(self, server: EventsServer, exchange: str) -> None:
+        query = urllib.parse.urlencode(
+            {"bindings": bindings_param([{"exchange": exchange, "routingKeyPattern": "#"}])}
+        )
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", server.port))
+        self.sock.sendall(
+            f"GET /api/events/v1/connect/?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        self.received = self.sock.recv(200)
+        assert self.received.startswith(b"HTTP/1.1 200")
+
+    def read_to_end(self, timeout: float = 30) -> bytes:
+        self.sock.settimeout(timeout)
+        chunks = [self.received]
+        while chunk := self.sock.recv(1 << 20):
+            chunks.append(chunk)
+        self.sock.close()
+        return b"".join(chunks)
+
+
+async def publish_all(exchange: aio_pika.abc.AbstractExchange, server: EventsServer) -> int:
+    """Publish ~50 MB; return the highest RSS the server reached meanwhile."""
+    peak = 0
+    for n in range(MESSAGES):
+        await exchange.publish(aio_pika.Message(MESSAGE), routing_key=f"k.{n}")
+        if n % 250 == 0:
+            peak = max(peak, (await asyncio.to_thread(server.stats))["rss_bytes"])
+    return peak
+
+
+async def test_a_slow_client_is_ended_with_an_error_and_memory_stays_bounded(
+    topic: aio_pika.abc.AbstractExchange,
+) -> None:
+    with EventsServer.running() as server:
+        async with SSEReader(server.url([{"exchange": topic.name, "routingKeyPattern": "#"}])) as fast:
+            await fast.wait_for("ready")
+            slow = StalledClient(server, topic.name)
+            await wait_until(lambda: server.stats()["streams"] == 2)
+            before = server.stats()["rss_bytes"]
+            peak = await publish_all(topic, server)
+            await fast.wait_for("message", MESSAGES, timeout=120)  # the other stream kept up
+            stats = server.stats()
+            assert stats["too_slow"] == 1
+            peak = max(peak, stats["rss_bytes"])
+            growth = peak - before
+            print(f"RSS before {before >> 20} MiB, peak {peak >> 20} MiB, growth {growth >> 20} MiB")
+            assert growth < 40 << 20, f"server grew by {growth >> 20} MiB for a stalled client"
+            # The slow client reads again: what was still buffered, then the reason, then the end.
+            body = await asyncio.to_thread(slow.read_to_end)
+        assert body.rstrip(b"\r\n0").endswith(sse_error_tail())
+        await wait_until(lambda: server.stats()["streams"] == 0)
+
+
+def sse_error_tail() -> bytes:
+    return f"event: error\ndata: {json.dumps(TOO_SLOW)}\nid: -".encode()
+
+
+async def test_a_client_that_stops_reading_for_good_is_dropped(
+    topic: aio_pika.abc.AbstractExchange,
+) -> None:
+    with EventsServer.running({"TC_EVENTS_SERVER__WRITE_TIMEOUT": "2"}) as server:
+        warm_up_binding = [{"exchange": topic.name, "routingKeyPattern": "warm.up"}]
+        async with SSEReader(server.url(warm_up_binding)) as warm_up:  # makes the bind channel
+            await warm_up.wait_for("ready")
+        await wait_until(lambda: server.stats()["streams"] == 0)
+        await asyncio.sleep(1)
+        idle_tasks = server.stats()["tasks"]
+        stalled = StalledClient(server, topic.name)
+        await wait_until(lambda: server.stats()["streams"] == 1)
+        for n in range(1_500):  # enough to fill the socket buffers and block the writes
+            await topic.publish(aio_pika.Message(MESSAGE), routing_key=f"k.{n}")
+        started = time.monotonic()
+        await wait_until(lambda: server.stats()["streams"] == 0, timeout=30, interval=0.2)
+        print(f"dropped {time.monotonic() - started:.1f} s after the last publish")
+        stats = server.stats()
+        assert stats["buffered_bytes"] == 0 and stats["bindings"] == 0
+        # The connection itself is freed too (its tasks gone), while the client still holds it.
+        await wait_until(lambda: server.stats()["tasks"] <= idle_tasks, timeout=20)
+        stalled.sock.close()

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-
 from helpers import AMQP_URL, EventsServer, SSEReader, bindings_param, wait_until
+
 from quart_events.hub import TOO_SLOW
 
 pytestmark = pytest.mark.asyncio
@@ -77,7 +77,9 @@ async def test_a_slow_client_is_ended_with_an_error_and_memory_stays_bounded(
     topic: aio_pika.abc.AbstractExchange,
 ) -> None:
     with EventsServer.running() as server:
-        async with SSEReader(server.url([{"exchange": topic.name, "routingKeyPattern": "#"}])) as fast:
+        async with SSEReader(
+            server.url([{"exchange": topic.name, "routingKeyPattern": "#"}])
+        ) as fast:
             await fast.wait_for("ready")
             slow = StalledClient(server, topic.name)
             await wait_until(lambda: server.stats()["streams"] == 2)
@@ -88,7 +90,9 @@ async def test_a_slow_client_is_ended_with_an_error_and_memory_stays_bounded(
             assert stats["too_slow"] == 1
             peak = max(peak, stats["rss_bytes"])
             growth = peak - before
-            print(f"RSS before {before >> 20} MiB, peak {peak >> 20} MiB, growth {growth >> 20} MiB")
+            print(
+                f"RSS before {before >> 20} MiB, peak {peak >> 20} MiB, growth {growth >> 20} MiB"
+            )
             assert growth < 40 << 20, f"server grew by {growth >> 20} MiB for a stalled client"
             # The slow client reads again: what was still buffered, then the reason, then the end.
             body = await asyncio.to_thread(slow.read_to_end)

@@ -1,0 +1,142 @@
+"""Limits and hostile input: clear answers, never a 5xx, a crash, a hang or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from helpers import EventsServer, SSEReader
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quart_events.cli import main
+
+LEAKS = ("Traceback", "guest", "localhost", "127.0.0.1", "aiormq", "quart_events", 'File "')
+
+
+@pytest.fixture(scope="module")
+def limited() -> Iterator[EventsServer]:
+    with EventsServer.running(
+        {"TC_EVENTS_SERVER__MAX_STREAMS": "3", "TC_EVENTS_SERVER__MAX_BINDINGS_PER_STREAM": "5"}
+    ) as server:
+        yield server
+
+
+async def test_streams_beyond_the_limit_get_503_with_a_jittered_retry_after(
+    limited: EventsServer,
+) -> None:
+    readers = [SSEReader(limited.url([])) for _ in range(3)]
+    for reader in readers:
+        await reader.__aenter__()
+        await reader.wait_for("ready")
+    try:
+        retry_after = set()
+        async with httpx.AsyncClient(timeout=5) as client:
+            for _ in range(8):
+                response = await client.get(limited.url([]))
+                assert response.status_code == 503
+                assert "Too many streams" in response.text
+                retry_after.add(int(response.headers["retry-after"]))
+        assert len(retry_after) > 1 and all(r > 0 for r in retry_after)
+    finally:
+        for reader in readers:
+            await reader.close()
+
+
+async def test_too_many_bindings(limited: EventsServer) -> None:
+    bindings = [{"exchange": "exchange/x", "routingKeyPattern": str(i)} for i in range(6)]
+    async with SSEReader(limited.url(bindings)) as reader:
+        await reader.wait_ended()
+    assert reader.data("error") == ["Too many bindings: 6 given, at most 5 allowed"]
+
+
+@pytest.mark.parametrize(
+    ("size", "status"), [(33 * 1024, 414), (40 * 1024, 414), (100 * 1024, 431)]
+)
+async def test_a_request_line_over_32_kib_is_refused_clearly(
+    limited: EventsServer, size: int, status: int
+) -> None:
+    # A raw request: HTTP clients refuse to send such URLs themselves.
+    target = "/api/events/v1/connect/?bindings=" + "a" * size
+    reader, writer = await asyncio.open_connection("127.0.0.1", limited.port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert int(answer.split(b" ", 2)[1]) == status
+    if status == 414:
+        assert answer.endswith(b"Request line too long: at most 32768 bytes.\n")
+    assert not any(leak.encode() in answer for leak in LEAKS)
+
+
+async def test_default_allow_list_refuses_internal_exchanges(server: EventsServer) -> None:
+    for name in ("amq.rabbitmq.trace", "amq.rabbitmq.log", "amq.topic", ""):
+        async with SSEReader(server.url([{"exchange": name, "routingKeyPattern": "#"}])) as r:
+            await r.wait_ended()
+        (message,) = r.data("error")
+        assert message.startswith("bindings[0]: ")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+binding_like = st.fixed_dictionaries(
+    {
+        "exchange": st.one_of(st.text(max_size=300), json_values),
+        "routingKeyPattern": st.one_of(st.text(max_size=300), json_values),
+    },
+    optional={"routingKeyReference": json_values},
+)
+bindings_values = st.one_of(
+    st.text(max_size=500),
+    json_values.map(json.dumps),
+    st.lists(binding_like, max_size=8).map(lambda b: json.dumps({"bindings": b})),
+    st.integers(1, 3000).map(lambda depth: "[" * depth + "]" * depth),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    raw=bindings_values,
+    extra=st.dictionaries(st.text(max_size=10), st.text(max_size=20), max_size=3),
+)
+def test_the_endpoint_answers_anything_cleanly(
+    server: EventsServer, raw: str, extra: dict[str, str]
+) -> None:
+    query = urllib.parse.urlencode({**extra, "bindings": raw})
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream("GET", f"{server.base}/api/events/v1/connect/?{query}") as response,
+    ):
+        assert response.status_code in (200, 204, 414), response.status_code
+        if response.status_code != 200:
+            return
+        first = b""
+        for chunk in response.iter_raw():
+            first += chunk
+            if b"\n\n" in first:
+                break
+    frame = first.split(b"\n\n")[0].decode()
+    lines = frame.split("\n")
+    assert lines[0] in ("event: ready", "event: error") and lines[2] == "id: -", frame
+    data = json.loads(lines[1].removeprefix("data: "))
+    if lines[0] == "event: error":
+        assert isinstance(data, str) and data
+        assert not any(leak in data for leak in LEAKS if leak not in raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=bindings_values)
+def test_check_bindings_answers_anything_cleanly(raw: str) -> None:
+    result = CliRunner().invoke(main, ["check-bindings", "--", raw])
+    assert result.exit_code in (0, 1), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output

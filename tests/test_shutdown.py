@@ -16,25 +16,11 @@ import json
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
 from browser import Browser
-from helpers import AMQP_URL, EventsServer, free_port
-
-
-@pytest.fixture
-async def exchange() -> AsyncIterator[aio_pika.abc.AbstractExchange]:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        declared = await channel.declare_exchange(
-            f"exchange/test/shutdown-{uuid.uuid4().hex[:6]}", aio_pika.ExchangeType.TOPIC
-        )
-        yield declared
-        await declared.delete()
+from helpers import EventsServer, free_port
 
 
 def queues_of(namespace: str) -> list[str]:

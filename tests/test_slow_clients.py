@@ -11,12 +11,10 @@ import json
 import socket
 import time
 import urllib.parse
-import uuid
-from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
-from helpers import AMQP_URL, EventsServer, SSEReader, bindings_param, wait_until
+from helpers import EventsServer, SSEReader, bindings_param, wait_until
 
 from quart_events.hub import TOO_SLOW
 
@@ -24,18 +22,6 @@ pytestmark = pytest.mark.asyncio
 
 MESSAGE = json.dumps({"pad": "x" * 10_000}).encode()  # about 10 KiB
 MESSAGES = 5_000  # about 50 MB in all
-
-
-@pytest.fixture
-async def topic() -> AsyncIterator[aio_pika.abc.AbstractExchange]:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(
-            f"exchange/test/slow-{uuid.uuid4().hex[:6]}", aio_pika.ExchangeType.TOPIC
-        )
-        yield exchange
-        await exchange.delete()
 
 
 class StalledClient:
@@ -74,17 +60,17 @@ async def publish_all(exchange: aio_pika.abc.AbstractExchange, server: EventsSer
 
 
 async def test_a_slow_client_is_ended_with_an_error_and_memory_stays_bounded(
-    topic: aio_pika.abc.AbstractExchange,
+    exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
     with EventsServer.running() as server:
         async with SSEReader(
-            server.url([{"exchange": topic.name, "routingKeyPattern": "#"}])
+            server.url([{"exchange": exchange.name, "routingKeyPattern": "#"}])
         ) as fast:
             await fast.wait_for("ready")
-            slow = StalledClient(server, topic.name)
+            slow = StalledClient(server, exchange.name)
             await wait_until(lambda: server.stats()["streams"] == 2)
             before = server.stats()["rss_bytes"]
-            peak = await publish_all(topic, server)
+            peak = await publish_all(exchange, server)
             await fast.wait_for("message", MESSAGES, timeout=120)  # the other stream kept up
             stats = server.stats()
             assert stats["too_slow"] == 1
@@ -105,19 +91,19 @@ def sse_error_tail() -> bytes:
 
 
 async def test_a_client_that_stops_reading_for_good_is_dropped(
-    topic: aio_pika.abc.AbstractExchange,
+    exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
     with EventsServer.running({"TC_EVENTS_SERVER__WRITE_TIMEOUT": "2"}) as server:
-        warm_up_binding = [{"exchange": topic.name, "routingKeyPattern": "warm.up"}]
+        warm_up_binding = [{"exchange": exchange.name, "routingKeyPattern": "warm.up"}]
         async with SSEReader(server.url(warm_up_binding)) as warm_up:  # makes the bind channel
             await warm_up.wait_for("ready")
         await wait_until(lambda: server.stats()["streams"] == 0)
         await asyncio.sleep(1)
         idle_tasks = server.stats()["tasks"]
-        stalled = StalledClient(server, topic.name)
+        stalled = StalledClient(server, exchange.name)
         await wait_until(lambda: server.stats()["streams"] == 1)
         for n in range(1_500):  # enough to fill the socket buffers and block the writes
-            await topic.publish(aio_pika.Message(MESSAGE), routing_key=f"k.{n}")
+            await exchange.publish(aio_pika.Message(MESSAGE), routing_key=f"k.{n}")
         started = time.monotonic()
         await wait_until(lambda: server.stats()["streams"] == 0, timeout=30, interval=0.2)
         print(f"dropped {time.monotonic() - started:.1f} s after the last publish")

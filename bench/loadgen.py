@@ -1,0 +1,221 @@
+"""Load generator: worker processes that each hold many subscribers and report back.
+
+One client process would be the bottleneck long before the server, so the
+subscribers are spread over several processes; each reports its own CPU time, so a
+reader can tell whether the generator, not the system measured, set the pace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
+
+import aiormq
+import clients
+
+
+@dataclass
+class Job:
+    kind: str  # sse | stomp | amqp
+    port: int
+    exchange: str
+    pattern: str
+    streams: int
+    expected: int = 0  # messages each subscriber should get; 0: run until stopped
+    want_times: bool = False
+    count_pings: bool = False
+
+
+@dataclass
+class Report:
+    ready_after: list[float] = field(default_factory=list)  # seconds from start, per stream
+    failures: int = 0
+    broken: int = 0  # subscribers that died after they were ready
+    first_failure: str = ""
+    received: int = 0
+    first_receipt: float = 0.0
+    last_receipt: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    ping_gaps: list[float] = field(default_factory=list)  # the largest gap per stream
+    cpu_seconds: float = 0.0
+
+
+async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
+    report = Report()
+    counts = [0] * job.streams
+    last_ping = [0.0] * job.streams
+    gaps = [0.0] * job.streams
+    start = time.time()
+
+    def receiver(stream: int) -> clients.OnMessage:
+        def on_message(stamp: float | None) -> None:
+            now = time.time()
+            counts[stream] += 1
+            if not report.first_receipt:
+                report.first_receipt = now
+            report.last_receipt = now
+            if stamp is not None:
+                report.latencies.append(now - stamp)
+
+        return on_message
+
+    def pinger(stream: int) -> Any:
+        def on_ping() -> None:
+            now = time.monotonic()
+            if last_ping[stream]:
+                gaps[stream] = max(gaps[stream], now - last_ping[stream])
+            last_ping[stream] = now
+
+        return on_ping
+
+    connection = None
+    if job.kind == "amqp":
+        connection = await aiormq.connect(clients.AMQP_URL)
+    readies = [asyncio.Event() for _ in range(job.streams)]
+
+    async def one(stream: int) -> None:
+        began = time.time()
+        watcher = asyncio.ensure_future(readies[stream].wait())
+        if job.kind == "sse":
+            ping = pinger(stream) if job.count_pings else None
+            follow = clients.sse(
+                job.port,
+                job.exchange,
+                job.pattern,
+                readies[stream],
+                receiver(stream),
+                job.want_times,
+                ping,
+            )
+        elif job.kind == "stomp":
+            follow = clients.stomp(
+                job.port,
+                job.exchange,
+                job.pattern,
+                readies[stream],
+                receiver(stream),
+                job.want_times,
+            )
+        else:
+            assert connection is not None
+            follow = clients.amqp(
+                connection,
+                job.exchange,
+                job.pattern,
+                readies[stream],
+                receiver(stream),
+                job.want_times,
+            )
+        task = asyncio.ensure_future(follow)
+        done, _ = await asyncio.wait([watcher, task], return_when=asyncio.FIRST_COMPLETED)
+        if watcher in done:
+            report.ready_after.append(time.time() - began)
+            try:
+                await task
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a subscriber that died after it was ready
+                report.broken += 1
+                report.first_failure = report.first_failure or repr(error)[:200]
+        else:
+            watcher.cancel()
+            error = task.exception()
+            report.failures += 1
+            report.first_failure = report.first_failure or repr(error)[:200]
+
+    tasks = [asyncio.ensure_future(one(stream)) for stream in range(job.streams)]
+    deadline = time.time() + 120
+    while len(report.ready_after) + report.failures < job.streams and time.time() < deadline:  # noqa: ASYNC110 (polling counts)
+        await asyncio.sleep(0.01)
+    results.put(("ready", index, report.ready_after, report.failures, report.first_failure))
+    while not stop.is_set():
+        if job.expected and all(count >= job.expected for count in counts):
+            break
+        await asyncio.sleep(0.01)
+    report.received = sum(counts)
+    report.ping_gaps = [gap for gap in gaps if gap]
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(BaseException):
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if connection is not None:
+        with contextlib.suppress(Exception):
+            await connection.close()
+    times = os.times()
+    report.cpu_seconds = times.user + times.system
+    del start
+    results.put(("done", index, report))
+
+
+def _worker(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
+    asyncio.run(_work(job, results, index, stop))
+
+
+class LoadGenerator:
+    """Starts ``processes`` workers sharing ``job.streams`` subscribers between them."""
+
+    def __init__(self, job: Job, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.results = context.Queue()
+        self.stop_event = context.Event()
+        processes = max(1, min(processes, job.streams))
+        share = [job.streams // processes + (i < job.streams % processes) for i in range(processes)]
+        self.workers = [
+            context.Process(
+                target=_worker,
+                args=(Job(**{**job.__dict__, "streams": n}), self.results, i, self.stop_event),
+            )
+            for i, n in enumerate(share)
+        ]
+
+    def start(self) -> tuple[list[float], int, str]:
+        """Start the workers; wait until every subscriber is ready or failed."""
+        for worker in self.workers:
+            worker.start()
+        ready: list[float] = []
+        failures, first_failure = 0, ""
+        for _ in self.workers:
+            _, _, after, failed, failure = self.results.get(timeout=180)
+            ready += after
+            failures += failed
+            first_failure = first_failure or failure
+        return ready, failures, first_failure
+
+    def finish(self, timeout: float) -> Report:
+        """Wait for the workers to have everything (or ``timeout``); merge their reports."""
+        merged = Report()
+        deadline = time.time() + timeout
+        reports: list[Report] = []
+        while len(reports) < len(self.workers):
+            remaining = deadline - time.time()
+            if remaining <= 0 and not self.stop_event.is_set():
+                self.stop_event.set()
+                deadline = time.time() + 30
+                continue
+            with contextlib.suppress(Exception):
+                _, _, report = self.results.get(timeout=max(0.1, min(remaining, 1)))
+                reports.append(report)
+        for worker in self.workers:
+            worker.join(10)
+        for report in reports:
+            merged.received += report.received
+            merged.latencies += report.latencies
+            merged.ping_gaps += report.ping_gaps
+            merged.cpu_seconds += report.cpu_seconds
+            merged.broken += report.broken
+            merged.first_failure = merged.first_failure or report.first_failure
+            if report.first_receipt:
+                merged.first_receipt = min(
+                    merged.first_receipt or report.first_receipt, report.first_receipt
+                )
+            merged.last_receipt = max(merged.last_receipt, report.last_receipt)
+        return merged
+
+    def stop(self) -> None:
+        self.stop_event.set()

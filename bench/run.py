@@ -1,0 +1,361 @@
+"""Benchmarks: this service against RabbitMQ Web-STOMP and raw AMQP consumers.
+
+    .venv/bin/python bench/run.py                 # every workload, medians of 3
+    .venv/bin/python bench/run.py fanout --runs 1 # one workload, one run
+
+Needs the local RabbitMQ with the Web-STOMP plugin (enabled here if it is not:
+`rabbitmq-plugins enable rabbitmq_web_stomp`). Starts its own tc-events server.
+Prints a table with ratios; see bench/README.md for the last results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiormq
+
+sys.path.insert(0, str(Path(__file__).parent))
+from clients import AMQP_URL
+from loadgen import Job, LoadGenerator
+
+ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = ("sse", "stomp", "amqp")
+NAMES = {"sse": "tc-events", "stomp": "Web-STOMP", "amqp": "raw AMQP"}
+BODY_SIZE = 1024
+Row = dict[str, Any]  # figures by name; a `why` text where a run failed or was not run
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rss_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+
+
+@contextmanager
+def events_server(**settings: str) -> Iterator[Server]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PULSE_NAMESPACE": f"bench-{uuid.uuid4().hex[:6]}",
+        "TC_EVENTS_SERVER__MAX_STREAMS": "50000",
+        **{f"TC_EVENTS_SERVER__{key.upper()}": value for key, value in settings.items()},
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "quart_events", "server", "--port", str(port)],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                raise RuntimeError("tc-events did not start") from None
+            time.sleep(0.05)
+    try:
+        yield Server(process, port)
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def broker_socket_room() -> int:
+    """How many more client sockets RabbitMQ can take (its file-descriptor limit).
+
+    Web-STOMP takes one per subscriber; running it past this limit breaks the broker
+    for everyone (seen here: `emfile`, crashed queues), so such runs are refused."""
+    out = subprocess.run(
+        ["rabbitmqctl", "status", "--formatter", "json"], capture_output=True, text=True, timeout=60
+    ).stdout
+    descriptors = json.loads(out)["file_descriptors"]
+    return int(descriptors["sockets_limit"]) - int(descriptors["sockets_used"])
+
+
+def ensure_web_stomp() -> None:
+    try:
+        socket.create_connection(("127.0.0.1", 15674), 1).close()
+    except OSError:
+        subprocess.run(
+            ["rabbitmq-plugins", "enable", "rabbitmq_web_stomp"], check=True, capture_output=True
+        )
+        time.sleep(3)
+
+
+PAD = b"x" * (BODY_SIZE - 40)
+
+
+def body(n: int, stamp: float) -> bytes:
+    """A 1 KiB JSON object carrying its publish time (for latency)."""
+    return b'{"n":%d,"t":%.6f,"pad":"%s"}' % (n, stamp, PAD)
+
+
+async def publish(exchange: str, count: int, rate: float | None = None) -> tuple[float, float]:
+    """Publish ``count`` 1 KiB JSON messages (at ``rate`` per second, or flat out).
+
+    The publisher is kept lean (one preformatted body a message) so that it is not
+    what limits the raw AMQP figures."""
+    connection = await aiormq.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=False)
+    keys = [f"bench.{n}" for n in range(10)]
+    started = time.time()
+    for n in range(count):
+        if rate:
+            delay = started + n / rate - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        stamp = time.time() if rate else started
+        await channel.basic_publish(body(n, stamp), exchange=exchange, routing_key=keys[n % 10])
+    finished = time.time()
+    # A round trip on the same channel: the broker has routed every publish before it
+    # answers, so closing the connection now drops nothing still in flight.
+    await channel.exchange_declare(exchange, exchange_type="topic", passive=True)
+    await connection.close()
+    return started, finished
+
+
+async def declare(exchange: str, delete: bool = False) -> None:
+    connection = await aiormq.connect(AMQP_URL)
+    channel = await connection.channel()
+    if delete:
+        await channel.exchange_delete(exchange)
+    else:
+        await channel.exchange_declare(exchange, exchange_type="topic")
+    await connection.close()
+
+
+@contextmanager
+def exchange_for_run() -> Iterator[str]:
+    name = f"bench-{uuid.uuid4().hex[:8]}"  # no `/`: Web-STOMP destinations split on it
+    asyncio.run(declare(name))
+    try:
+        yield name
+    finally:
+        asyncio.run(declare(name, delete=True))
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else float("nan")
+
+
+def refuse_stomp(system: str, streams: int) -> Row:
+    if system != "stomp":
+        return {}
+    room = broker_socket_room()
+    if streams > room - 50:
+        return {
+            "not_run": 1,
+            "why": f"needs {streams} broker sockets, RabbitMQ has room for {room}",
+        }
+    return {}
+
+
+def processes_for(streams: int) -> int:
+    return 1 if streams == 1 else 2 if streams <= 100 else 4
+
+
+# -- workloads ---------------------------------------------------------------------
+
+
+def fanout(system: str, port: int, streams: int, messages: int) -> Row:
+    """K streams on one exchange, M messages flat out: deliveries/s, first publish to last
+    receipt."""
+    refused = refuse_stomp(system, streams)
+    if refused:
+        return refused
+    with exchange_for_run() as exchange:
+        generator = LoadGenerator(
+            Job(system, port, exchange, "bench.#", streams, expected=messages),
+            processes_for(streams),
+        )
+        _, failures, failure = generator.start()
+        if failures:
+            generator.stop()
+            generator.finish(10)
+            return {"failed": failures, "why": failure}
+        started, _ = asyncio.run(publish(exchange, messages))
+        report = generator.finish(timeout=120)
+    expected = streams * messages
+    elapsed = report.last_receipt - started
+    return {
+        "deliveries_per_s": report.received / elapsed if elapsed > 0 else 0.0,
+        "lost": expected - report.received,
+        "loadgen_cpu_s": report.cpu_seconds,
+        "elapsed_s": elapsed,
+        **({"broken": report.broken, "why": report.first_failure} if report.broken else {}),
+    }
+
+
+def latency(
+    system: str, port: int, streams: int = 10, rate: float = 1000, seconds: float = 5
+) -> Row:
+    """10 streams, 1,000 messages/s: publish-to-receipt p50 and p99 (ms)."""
+    messages = int(rate * seconds)
+    with exchange_for_run() as exchange:
+        generator = LoadGenerator(
+            Job(system, port, exchange, "bench.#", streams, expected=messages, want_times=True),
+            2,
+        )
+        generator.start()
+        asyncio.run(publish(exchange, messages, rate=rate))
+        report = generator.finish(timeout=60)
+    return {
+        "p50_ms": percentile(report.latencies, 0.50) * 1000,
+        "p99_ms": percentile(report.latencies, 0.99) * 1000,
+        "lost": streams * messages - report.received,
+        "loadgen_cpu_s": report.cpu_seconds,
+    }
+
+
+def connect(system: str, port: int, streams: int = 1000) -> Row:
+    """1,000 streams opened at once: time until all are ready, p50 and p99 per stream."""
+    refused = refuse_stomp(system, streams)
+    if refused:
+        return refused
+    with exchange_for_run() as exchange:
+        started = time.time()
+        generator = LoadGenerator(Job(system, port, exchange, "bench.#", streams), 4)
+        ready, failures, failure = generator.start()
+        # The workers' own start-up (a fresh Python each) is not the system's time:
+        # per-stream times are measured inside the workers, from each stream's start.
+        generator.stop()
+        generator.finish(30)
+    del started
+    result: Row = {
+        "all_ready_s": max(ready) if ready else float("nan"),
+        "p50_ms": percentile(ready, 0.50) * 1000,
+        "p99_ms": percentile(ready, 0.99) * 1000,
+        "failed": failures,
+    }
+    if failures:
+        result["why"] = failure
+    return result
+
+
+def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> Row:
+    """10,000 open streams in one server process: RSS per stream, and pings on time."""
+    with events_server(ping_interval=str(ping_interval)) as server, exchange_for_run() as exchange:
+        time.sleep(1)
+        before = rss_of(server.process.pid)
+        generator = LoadGenerator(
+            Job("sse", server.port, exchange, "bench.#", streams, count_pings=True), 4
+        )
+        ready, failures, _ = generator.start()
+        time.sleep(hold)
+        after = rss_of(server.process.pid)
+        generator.stop()
+        report = generator.finish(60)
+    return {
+        "streams": len(ready),
+        "failed": failures,
+        "rss_per_stream_kib": (after - before) / max(1, len(ready)) / 1024,
+        "rss_mib": after / 2**20,
+        "max_ping_gap_s": max(report.ping_gaps, default=float("nan")),
+        "p99_ping_gap_s": percentile(report.ping_gaps, 0.99),
+    }
+
+
+# -- the run -----------------------------------------------------------------------
+
+
+def median_of(runs: int, measure: object, *args: object) -> Row:
+    results = [measure(*args) for _ in range(runs)]  # type: ignore[operator]
+    merged: Row = {}
+    for key in results[0]:
+        values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+        merged[key] = statistics.median(values) if values else results[0][key]
+    return merged
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workloads", nargs="*", default=["fanout", "latency", "connect", "idle"])
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    args = parser.parse_args()
+    systems = args.systems.split(",")
+    ensure_web_stomp()
+    table: list[tuple[str, str, Row]] = []
+    with events_server() as server:
+        ports = {"sse": server.port, "stomp": 15674, "amqp": 5672}
+        for workload in args.workloads:
+            if workload == "fanout":
+                for streams, messages in ((1, 20_000), (100, 2_000), (1000, 200)):
+                    for system in systems:
+                        row = median_of(args.runs, fanout, system, ports[system], streams, messages)
+                        table.append((f"fan-out {streams}", system, row))
+                        print(f"fan-out {streams:>5} {NAMES[system]:>10}: {row}", flush=True)
+            elif workload == "latency":
+                for system in systems:
+                    row = median_of(args.runs, latency, system, ports[system])
+                    table.append(("latency 10x1000/s", system, row))
+                    print(f"latency {NAMES[system]:>10}: {row}", flush=True)
+            elif workload == "connect":
+                for system in systems:
+                    row = median_of(args.runs, connect, system, ports[system])
+                    table.append(("connect 1000", system, row))
+                    print(f"connect {NAMES[system]:>10}: {row}", flush=True)
+    if "idle" in args.workloads:
+        row = median_of(max(1, args.runs // 3), idle)
+        table.append(("idle 10000", "sse", row))
+        print(f"idle: {row}", flush=True)
+    print_table(table)
+
+
+def print_table(table: list[tuple[str, str, Row]]) -> None:
+    print("\n| workload | system | figures | vs Web-STOMP | vs raw AMQP |")
+    print("| --- | --- | --- | --- | --- |")
+    by = {(w, s): r for w, s, r in table}
+    main_figure = {"fan-out": "deliveries_per_s", "latency": "p99_ms", "connect": "all_ready_s"}
+    for workload, system, row in table:
+        figures = ", ".join(
+            f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+        )
+        ratios = []
+        key = main_figure.get(workload.split(" ")[0])
+        for other in ("stomp", "amqp"):
+            theirs = by.get((workload, other), {})
+            if system == "sse" and key and isinstance(theirs.get(key), float) and theirs[key]:
+                ratios.append(f"{row.get(key, float('nan')) / theirs[key]:.2f}x")
+            else:
+                ratios.append("")
+        print(f"| {workload} | {NAMES[system]} | {figures} | {ratios[0]} | {ratios[1]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -11,31 +11,24 @@ import asyncio
 import json
 import logging
 import os
-import random
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from quart import Quart, Response, request
+from quart import Quart, Response
 
-from . import sse
-from .bindings import BindingError, parse_bindings
 from .broker import Broker
-from .hub import Hub, Stream
+from .connect import ConnectEndpoint
+from .hub import Hub
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONNECT_PATHS = ("/api/events/v1/connect/", "/events/v1/connect/")
 STATS_PATH = "/api/events/v1/__stats__"
-STREAM_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
+LISTEN_BACKLOG = 4096  # thousands of EventSources reconnect at once after a restart
 
 
 @dataclass
@@ -80,33 +73,6 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     app.before_serving(service.start)
     app.after_serving(service.stop)
 
-    def cors(headers: dict[str, str]) -> dict[str, str]:
-        return {**headers, "Access-Control-Allow-Origin": server.cors_allow_origin}
-
-    async def connect() -> Response:
-        if "Last-Event-ID" in request.headers:
-            # An EventSource reconnecting after the stream ended: tell it to stop.
-            return Response(b"", status=204, headers=cors({}))
-        request_line = len(request.scope["raw_path"]) + len(request.scope["query_string"])
-        if request_line > server.max_request_line:
-            return Response(
-                f"Request line too long: at most {server.max_request_line} bytes.\n",
-                status=414,
-                headers=cors({"Content-Type": "text/plain"}),
-            )
-        try:
-            bindings = parse_bindings(request.args.get("bindings"), server.limits())
-        except BindingError as error:
-            return _stream_response(_one_frame(sse.error(str(error))), cors(STREAM_HEADERS))
-        if len(service.hub.streams) >= server.max_streams:
-            retry_after = str(random.randint(5, 30))  # jittered, so refused clients spread out
-            return Response(
-                "Too many streams on this server; retry later.\n",
-                status=503,
-                headers=cors({"Content-Type": "text/plain", "Retry-After": retry_after}),
-            )
-        return _stream_response(_events(service.hub, bindings), cors(STREAM_HEADERS))
-
     async def stats() -> Response:
         """Counts for operators and tests; nothing about the broker's address or users."""
         body = {
@@ -118,10 +84,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         return Response(json.dumps(body), headers={"Content-Type": "application/json"})
 
     app.add_url_rule(STATS_PATH, view_func=stats, methods=["GET"], strict_slashes=False)
-    for path in CONNECT_PATHS:
-        app.add_url_rule(
-            path, view_func=connect, methods=["GET"], strict_slashes=False, endpoint=path
-        )
+    app.asgi_app = ConnectEndpoint(app.asgi_app, service.hub, server)  # type: ignore[method-assign,assignment]
     return app
 
 
@@ -134,33 +97,11 @@ def _rss_bytes() -> int:
         return 0
 
 
-def _stream_response(body: AsyncIterator[bytes], headers: dict[str, str]) -> Response:
-    response = Response(body, status=200)
-    response.headers.update(headers)  # exactly text/event-stream: no charset appended
-    response.timeout = None  # Quart would otherwise cut the stream after 60 s, silently
-    return response
-
-
-async def _one_frame(frame: bytes) -> AsyncIterator[bytes]:
-    yield frame
-
-
-async def _events(hub: Hub, bindings: list) -> AsyncIterator[bytes]:  # type: ignore[type-arg]
-    # The stream is opened inside the generator: if the client leaves before the
-    # body starts, nothing was registered and nothing can leak.
-    stream: Stream = hub.open(bindings)
-    stream.task = asyncio.current_task()  # so a stuck write can be cancelled
-    try:
-        while (chunk := await stream.next_chunk()) is not None:
-            yield chunk
-    finally:
-        hub.close(stream)
-
-
 def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:
     config = HypercornConfig()
     # hypercorn closes the socket it is given: give it its own descriptor of ours.
     config.bind = [f"fd://{os.dup(listener.fileno())}"]
+    config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.server.shutdown_grace
@@ -181,7 +122,7 @@ async def serve_app(app: Quart) -> None:
     server, pulse = service.settings.server, service.settings.pulse
     await service.start()
     try:
-        listener = socket.create_server((server.host, server.port))
+        listener = socket.create_server((server.host, server.port), backlog=LISTEN_BACKLOG)
     except OSError:
         await service.stop()
         raise

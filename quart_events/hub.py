@@ -16,7 +16,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
@@ -55,20 +54,43 @@ class Binder(Protocol):
 
 
 class Stream:
-    """One client's bindings and its bounded buffer of frames waiting to be written."""
+    """One client's bindings and its bounded buffer of frames waiting to be written.
+
+    Slotted and lean (a list, a future only while waiting): a server holds thousands.
+    """
+
+    __slots__ = (
+        "_waiter",
+        "bindings",
+        "buffered_bytes",
+        "entries",
+        "finished",
+        "frames",
+        "generation",
+        "joined",
+        "max_bytes",
+        "max_frames",
+        "pending_since",
+        "task",
+    )
 
     def __init__(self, bindings: Iterable[Binding], max_frames: int, max_bytes: int) -> None:
         self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self.frames: deque[bytes] = deque()
+        self.frames: list[bytes] = []
         self.buffered_bytes = 0
         self.finished = False
         self.joined = False  # in the topic tries: gets messages
         self.generation = 0  # the broker connection its last `ready` was for
         self.pending_since = 0.0  # when the oldest unwritten frame was queued
         self.task: asyncio.Task[Any] | None = None  # the task writing it to the client
-        self._wake = asyncio.Event()
+        self.entries: list[_Entry] = []  # its share of the hub's bindings
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
@@ -84,7 +106,7 @@ class Stream:
             self.pending_since = time.monotonic()
         self.frames.append(frame)
         self.buffered_bytes += len(frame)
-        self._wake.set()
+        self._wake()
         return True
 
     def finish(self, last_frame: bytes | None = None) -> None:
@@ -97,7 +119,7 @@ class Stream:
             self.frames.append(last_frame)
             self.buffered_bytes += len(last_frame)
         self.finished = True
-        self._wake.set()
+        self._wake()
 
     def abort(self) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
@@ -112,9 +134,12 @@ class Stream:
         while not self.frames:
             if self.finished:
                 return None
-            self._wake.clear()
-            await self._wake.wait()
-        chunk = b"".join(self.frames)
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames.clear()
         self.buffered_bytes = 0
         return chunk
@@ -147,7 +172,6 @@ class Hub:
         binder.on_connected = self.restore
         self.streams: set[Stream] = set()
         self._entries: dict[Binding, _Entry] = {}
-        self._stream_entries: dict[Stream, list[_Entry]] = {}
         self._activations: dict[Stream, asyncio.Task[None]] = {}
         self._last_op: dict[Binding, asyncio.Task[Any]] = {}
         self._tries: dict[str, TopicTrie[Stream]] = {}
@@ -197,16 +221,24 @@ class Hub:
         """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
         stream = Stream(bindings, self.settings.buffer_messages, self.settings.buffer_bytes)
         self.streams.add(stream)
-        entries = [self._acquire(binding) for binding in stream.bindings]
-        self._stream_entries[stream] = entries
-        self._activations[stream] = asyncio.ensure_future(self._activate(stream, entries))
+        stream.entries = [self._acquire(binding) for binding in stream.bindings]
+        pending = [entry.bound for entry in stream.entries if not entry.bound.done()]
+        if pending:
+            activation = asyncio.ensure_future(self._activate(stream, pending))
+            self._activations[stream] = activation
+            activation.add_done_callback(lambda _: self._activations.pop(stream, None))
+        else:  # every binding is in effect already: ready at once, no task needed
+            self._join(stream)
         return stream
 
-    async def _activate(self, stream: Stream, entries: list[_Entry]) -> None:
+    async def _activate(self, stream: Stream, pending: list[asyncio.Task[int]]) -> None:
         # asyncio.wait does not cancel the binds if this stream leaves meanwhile.
-        if entries:
-            await asyncio.wait([entry.bound for entry in entries])
-        for entry in entries:
+        await asyncio.wait(pending)
+        self._join(stream)
+
+    def _join(self, stream: Stream) -> None:
+        """All binds are done: on success the stream joins the tries and gets `ready`."""
+        for entry in stream.entries:
             error = _failure(entry.bound)
             if error is not None:
                 stream.finish(sse.error(_client_message(error)))
@@ -257,16 +289,18 @@ class Hub:
             return
         self.streams.discard(stream)
         stream.finish()
-        activation = self._activations.pop(stream)
-        activation.cancel()
+        activation = self._activations.pop(stream, None)
+        if activation is not None:
+            activation.cancel()
         if stream.joined:
             for binding in stream.bindings:
                 trie = self._tries[binding.exchange]
                 trie.discard(binding.routing_key_pattern, stream)
                 if not len(trie):
                     del self._tries[binding.exchange]
-        for entry in self._stream_entries.pop(stream):
+        for entry in stream.entries:
             self._release(entry)
+        stream.entries = []
 
     # -- shared bindings -------------------------------------------------------
 

@@ -62,11 +62,11 @@ class ConnectEndpoint:
                 "type": "http.response.start",
                 "status": status,
                 "headers": [
-                (b"content-type", b"text/plain"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-                *self.cors,
-            ],
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                    *self.cors,
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -82,11 +82,8 @@ class ConnectEndpoint:
             limit = settings.max_request_line
             await self._plain(send, 414, f"Request line too long: at most {limit} bytes.\n")
             return
-        query = urllib.parse.parse_qs(
-            scope["query_string"].decode("latin-1"), keep_blank_values=True, errors="replace"
-        )
         try:
-            bindings = parse_bindings(query.get("bindings", [None])[0], settings.limits())
+            bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
         except BindingError as error:
             await self._start_stream(send)
             await send({"type": "http.response.body", "body": sse.error(str(error))})
@@ -102,6 +99,7 @@ class ConnectEndpoint:
             return
         await self._start_stream(send)
         stream = self.hub.open(bindings)
+        del bindings  # this frame lives as long as the stream: keep it small
         stream.task = asyncio.current_task()  # so the watchdog can cancel a stuck write
         watcher = asyncio.ensure_future(_until_disconnect(receive, stream, self.hub))
         try:
@@ -117,6 +115,16 @@ class ConnectEndpoint:
         await send(
             {"type": "http.response.start", "status": 200, "headers": [*STREAM_HEADERS, *self.cors]}
         )
+
+
+def _bindings_parameter(scope: dict[str, Any]) -> str | None:
+    """The first ``bindings`` query parameter; other parameters are ignored."""
+    query_string: bytes = scope["query_string"]
+    query = urllib.parse.parse_qs(
+        query_string.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
+    )
+    values = query.get("bindings")
+    return values[0] if values else None
 
 
 async def _until_disconnect(receive: Any, stream: Stream, hub: Hub) -> None:

@@ -134,6 +134,9 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
     while len(report.ready_after) + report.failures < job.streams and time.time() < deadline:  # noqa: ASYNC110 (polling counts)
         await asyncio.sleep(0.01)
     results.put(("ready", index, report.ready_after, report.failures, report.first_failure))
+    # Ping gaps count from here: while thousands of streams connect, the server is busy.
+    last_ping[:] = [0.0] * job.streams
+    gaps[:] = [0.0] * job.streams
     while not stop.is_set():
         if job.expected and all(count >= job.expected for count in counts):
             break

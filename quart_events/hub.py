@@ -184,8 +184,13 @@ class Hub:
         self._pinger = asyncio.ensure_future(self._ping_forever())
 
     async def _ping_forever(self) -> None:
+        # On a fixed schedule, so the time spent pinging thousands of streams does not
+        # add up into late pings.
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
         while True:
-            await asyncio.sleep(self.settings.ping_interval)
+            tick += self.settings.ping_interval
+            await asyncio.sleep(max(0.0, tick - loop.time()))
             frame = sse.ping()
             stuck_before = time.monotonic() - self.settings.write_timeout
             for stream in list(self.streams):

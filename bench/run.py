@@ -307,6 +307,9 @@ def main() -> None:
     parser.add_argument("workloads", nargs="*", default=["fanout", "latency", "connect", "idle"])
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown")
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--fanout-streams", default="1,100,1000", help="stream counts of the fan-out runs"
+    )
     args = parser.parse_args()
     systems = args.systems.split(",")
     ensure_web_stomp()
@@ -315,7 +318,8 @@ def main() -> None:
         ports = {"sse": server.port, "stomp": 15674, "amqp": 5672}
         for workload in args.workloads:
             if workload == "fanout":
-                for streams, messages in ((1, 20_000), (100, 2_000), (1000, 200)):
+                for streams in map(int, args.fanout_streams.split(",")):
+                    messages = max(200, 20_000 // streams)  # about 200,000 deliveries at 100+
                     for system in systems:
                         row = median_of(args.runs, fanout, system, ports[system], streams, messages)
                         table.append((f"fan-out {streams}", system, row))

@@ -1,4 +1,4 @@
-"""The Quart application: the connect route, its lifecycle, and ``run`` under hypercorn.
+"""The application: the service's parts wired together, its lifecycle, and serving under hypercorn.
 
 Streams end themselves on shutdown: the shutdown trigger finishes every stream
 with a reconnect frame before hypercorn waits for connections, because hypercorn

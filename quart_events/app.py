@@ -122,7 +122,10 @@ async def serve_app(app: Quart) -> None:
     server, pulse = service.settings.server, service.settings.pulse
     await service.start()
     try:
-        listener = socket.create_server((server.host, server.port), backlog=LISTEN_BACKLOG)
+        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+        listener = socket.create_server(
+            (server.host, server.port), family=family, backlog=LISTEN_BACKLOG
+        )
     except OSError:
         await service.stop()
         raise

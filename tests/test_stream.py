@@ -169,6 +169,7 @@ async def test_a_body_that_is_not_json_arrives_as_text(
         await publish(exchange, "k", b"not json \xff\nline")
         (message,) = await r.wait_for("message")
     assert json.loads(message.data)["payload"] == "not json \ufffd\nline"
+    assert server.stats()["non_json"] >= 1  # and counted
 
 
 BAD_INPUTS = [

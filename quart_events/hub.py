@@ -32,6 +32,10 @@ TOO_SLOW = "The stream was closed because the client read it too slowly."
 SHUTTING_DOWN = "The server is shutting down."
 
 
+def _nothing() -> None:
+    return None
+
+
 def _failure(task: asyncio.Task[Any]) -> BaseException | None:
     """Why a finished broker operation failed, or ``None`` when it succeeded."""
     if task.cancelled():
@@ -56,11 +60,12 @@ class Binder(Protocol):
 class Stream:
     """One client's bindings and its bounded buffer of frames waiting to be written.
 
-    Slotted and lean (a list, a future only while waiting): a server holds thousands.
+    Whoever writes it to the client sets ``on_frames`` (called when frames are
+    waiting or the stream finished) and ``on_abort`` (called when the client takes
+    nothing any more). Slotted and lean: a server holds thousands.
     """
 
     __slots__ = (
-        "_waiter",
         "bindings",
         "buffered_bytes",
         "entries",
@@ -70,27 +75,31 @@ class Stream:
         "joined",
         "max_bytes",
         "max_frames",
+        "on_abort",
+        "on_frames",
         "pending_since",
-        "task",
     )
 
-    def __init__(self, bindings: Iterable[Binding], max_frames: int, max_bytes: int) -> None:
+    def __init__(
+        self,
+        bindings: Iterable[Binding],
+        max_frames: int,
+        max_bytes: int,
+        on_frames: Callable[[], None] = _nothing,
+        on_abort: Callable[[], None] = _nothing,
+    ) -> None:
         self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self.on_frames = on_frames
+        self.on_abort = on_abort
         self.frames: list[bytes] = []
         self.buffered_bytes = 0
         self.finished = False
         self.joined = False  # in the topic tries: gets messages
         self.generation = 0  # the broker connection its last `ready` was for
         self.pending_since = 0.0  # when the oldest unwritten frame was queued
-        self.task: asyncio.Task[Any] | None = None  # the task writing it to the client
         self.entries: list[_Entry] = []  # its share of the hub's bindings
-        self._waiter: asyncio.Future[None] | None = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
@@ -106,7 +115,7 @@ class Stream:
             self.pending_since = time.monotonic()
         self.frames.append(frame)
         self.buffered_bytes += len(frame)
-        self._wake()
+        self.on_frames()
         return True
 
     def finish(self, last_frame: bytes | None = None) -> None:
@@ -119,28 +128,20 @@ class Stream:
             self.frames.append(last_frame)
             self.buffered_bytes += len(last_frame)
         self.finished = True
-        self._wake()
+        self.on_frames()
 
     def abort(self) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
-        self.finish()
         self.frames.clear()
         self.buffered_bytes = 0
-        if self.task is not None and self.task is not asyncio.current_task():
-            self.task.cancel()
+        self.finished = True
+        self.on_abort()
 
-    async def next_chunk(self) -> bytes | None:
-        """All frames waiting, as one write; ``None`` when the stream has ended."""
-        while not self.frames:
-            if self.finished:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunk = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-        self.frames.clear()
+    def take(self) -> bytes:
+        """Every frame waiting, as one write (empty when there is none)."""
+        frames = self.frames
+        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        frames.clear()
         self.buffered_bytes = 0
         return chunk
 
@@ -222,9 +223,17 @@ class Hub:
 
     # -- streams ---------------------------------------------------------------
 
-    def open(self, bindings: Iterable[Binding]) -> Stream:
+    def open(
+        self,
+        bindings: Iterable[Binding],
+        on_frames: Callable[[], None] = _nothing,
+        on_abort: Callable[[], None] = _nothing,
+    ) -> Stream:
         """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
-        stream = Stream(bindings, self.settings.buffer_messages, self.settings.buffer_bytes)
+        settings = self.settings
+        stream = Stream(
+            bindings, settings.buffer_messages, settings.buffer_bytes, on_frames, on_abort
+        )
         self.streams.add(stream)
         stream.entries = [self._acquire(binding) for binding in stream.bindings]
         pending = [entry.bound for entry in stream.entries if not entry.bound.done()]

@@ -151,14 +151,23 @@ async def test_a_slow_stream_is_ended_with_an_error_and_its_buffer_dropped() -> 
     assert not other.finished
 
 
-async def test_next_chunk_joins_waiting_frames_into_one_write() -> None:
-    stream = Stream([], 100, 100_000)
+async def test_frames_waiting_are_taken_as_one_write_and_the_writer_is_told() -> None:
+    told: list[str] = []
+    stream = Stream(
+        [],
+        100,
+        100_000,
+        on_frames=lambda: told.append("frames"),
+        on_abort=lambda: told.append("abort"),
+    )
     stream.push(b"a")
     stream.push(b"b")
-    assert await stream.next_chunk() == b"ab"
+    assert stream.take() == b"ab" and stream.take() == b""
     stream.finish(b"z")
-    assert await stream.next_chunk() == b"z"
-    assert await stream.next_chunk() is None
+    assert stream.finished and stream.take() == b"z"
+    assert told == ["frames", "frames", "frames"]
+    stream.abort()
+    assert told[-1] == "abort"
 
 
 async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:

@@ -21,8 +21,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>follow</title><script>
+let seq = 0;  // reports may arrive out of order: the test sorts them by this
 const report = (kind, extra) => fetch("/report", {method: "POST",
-  body: JSON.stringify({kind, time: Date.now(), ...extra})});
+  body: JSON.stringify({kind, seq: seq++, time: Date.now(), ...extra})});
 const source = new EventSource(new URLSearchParams(location.search).get("url"));
 source.onopen = () => report("open", {});
 for (const name of ["ready", "message"]) {
@@ -55,7 +56,7 @@ class Browser:
     """One headless Chromium following one stream; ``reports`` grows as events come."""
 
     def __init__(self) -> None:
-        self.reports: list[dict[str, Any]] = []
+        self._received: list[dict[str, Any]] = []
         browser = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -69,7 +70,7 @@ class Browser:
 
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
-                browser.reports.append(json.loads(self.rfile.read(length)))
+                browser._received.append(json.loads(self.rfile.read(length)))
                 self.send_response(204)
                 self.end_headers()
 
@@ -80,6 +81,11 @@ class Browser:
         self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
         self._process: subprocess.Popen[bytes] | None = None
         self._profile = tempfile.TemporaryDirectory(prefix="tc-events-chromium-")
+
+    @property
+    def reports(self) -> list[dict[str, Any]]:
+        """What the page reported, in the order it happened."""
+        return sorted(self._received, key=lambda report: int(report["seq"]))
 
     def kinds(self) -> list[str]:
         return [report["kind"] for report in self.reports]

@@ -150,11 +150,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
         self._connected.clear()
-        connection, self._connection = self._connection, None
-        self._consume_channel = self._bind_channel = None
-        if connection is not None:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        await self._drop_connection()
 
     # -- connection ---------------------------------------------------------------
 
@@ -211,8 +207,7 @@ class Broker:
         self._lost.set()
 
     async def _supervise(self) -> None:
-        settings = self.settings
-        delay = settings.reconnect_min_delay
+        delay = self.settings.reconnect_min_delay
         while True:
             if not self._connected.is_set():
                 try:
@@ -236,11 +231,14 @@ class Broker:
                     log.exception("restoring bindings failed")
             await self._lost.wait()
             log.warning("lost the connection to RabbitMQ; reconnecting")
-            old, self._connection = self._connection, None
-            self._consume_channel = self._bind_channel = None
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.close()
+            await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._consume_channel = self._bind_channel = None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     async def _declare_and_consume(
         self, channel: aiormq.abc.AbstractChannel, queue_name: str
@@ -320,13 +318,7 @@ class Broker:
                     raise BindFailed(f"exchange `{binding.exchange}` does not exist") from None
                 except aiormq.exceptions.ChannelAccessRefused:
                     raise BindFailed(f"access to exchange `{binding.exchange}` refused") from None
-                except (
-                    TimeoutError,
-                    aiormq.exceptions.AMQPError,
-                    ConnectionError,
-                    RuntimeError,
-                    BrokerUnavailable,
-                ) as error:
+                except (*TRANSIENT, BrokerUnavailable) as error:
                     log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
             await asyncio.sleep(0.05)
 
@@ -342,13 +334,7 @@ class Broker:
                     routing_key=binding.routing_key_pattern,
                     timeout=self.settings.connect_timeout,
                 )
-            except (
-                TimeoutError,
-                aiormq.exceptions.AMQPError,
-                ConnectionError,
-                RuntimeError,
-                BrokerError,
-            ) as e:
+            except (*TRANSIENT, BrokerError) as e:
                 # The queue is exclusive: whatever is left goes with the connection.
                 log.info("unbind from %s failed: %r", binding.exchange, e)
 

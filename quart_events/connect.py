@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 from . import sse
@@ -53,7 +54,7 @@ class ConnectEndpoint:
         send: Any,
         status: int,
         text: str,
-        headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         body = text.encode()
         await send(

@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TOO_SLOW = "The stream was closed because the client read it too slowly."
-SHUTTING_DOWN = "The server is shutting down."
 
 
 def _nothing() -> None:
@@ -200,8 +199,8 @@ class Hub:
                     self.counters["stuck"] += 1
                     stream.abort()
                     self.close(stream)
-                elif not stream.push(frame):
-                    self.counters["too_slow"] += 1
+                else:
+                    self._push(stream, frame)
 
     def begin_shutdown(self) -> None:
         """End every stream with a frame that makes an EventSource reconnect, spread out."""
@@ -386,8 +385,11 @@ class Hub:
             self.counters["non_json"] += 1
         frame = sse.message(payload, exchange, routing_key, redelivered, routes_of(headers))
         for stream in streams:
-            if not stream.push(frame):
-                self.counters["too_slow"] += 1
+            self._push(stream, frame)
+
+    def _push(self, stream: Stream, frame: bytes) -> None:
+        if not stream.push(frame):
+            self.counters["too_slow"] += 1
 
     # -- introspection (tests, metrics) ------------------------------------------
 

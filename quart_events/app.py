@@ -24,6 +24,8 @@ from .broker import Broker
 from .connect import ConnectEndpoint
 from .hub import Hub
 from .settings import Settings
+from .shared_bindings import SharedBindings
+from .timer import every
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +35,37 @@ LISTEN_BACKLOG = 4096  # thousands of EventSources reconnect at once after a res
 
 @dataclass
 class Service:
-    """What the app holds between requests."""
+    """The parts that live as long as the process, started and stopped together."""
 
     settings: Settings
     broker: Broker
+    shared: SharedBindings
     hub: Hub
-    started: bool = False
+    timer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Connect to the broker and start pinging; raise ``BrokerUnavailable``. Idempotent."""
-        if self.started:
+        """Connect to the broker and start the timer; raise ``BrokerUnavailable``. Idempotent."""
+        if self.timer is not None:
             return
-        await self.broker.start(wait=self.settings.pulse.start_without_broker)
-        self.hub.start()
-        self.started = True
+        self.shared.start()
+        try:
+            await self.broker.start(connect_in_background=self.settings.pulse.start_without_broker)
+        except BaseException:
+            await self.shared.stop()
+            raise
+        self.timer = asyncio.ensure_future(every(self.settings.server.ping_interval, self.tick))
+
+    def tick(self) -> None:
+        self.hub.drop_stuck_streams()
+        self.hub.ping_streams()
 
     async def stop(self) -> None:
-        if not self.started:
+        timer, self.timer = self.timer, None
+        if timer is None:
             return
-        self.started = False
         self.hub.begin_shutdown()
-        await self.hub.stop()
+        timer.cancel()
+        await self.shared.stop()
         await self.broker.close()
 
 
@@ -64,19 +76,25 @@ def service_of(app: Quart) -> Service:
 
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Quart:
     """The service; ``reload`` reads the settings again (credentials on each reconnect)."""
-    app = Quart(__name__)
     broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
-    service = Service(settings, broker, Hub(settings.server, broker))
-    app.extensions["tc_events"] = service
-    server = settings.server
+    shared = SharedBindings(broker)
+    hub = Hub(settings.server, shared, settings.pulse.wait_for_broker)
+    # The wires: deliveries flow from the broker to the hub; the broker's answers about
+    # bindings reach the hub through the shared bindings; a new connection restores.
+    broker.on_delivery = hub.deliver
+    broker.on_connected = hub.reconnected
+    shared.on_settled = hub.settled
+    service = Service(settings, broker, shared, hub)
 
+    app = Quart(__name__)
+    app.extensions["tc_events"] = service
     app.before_serving(service.start)
     app.after_serving(service.stop)
 
     async def stats() -> Response:
         """Counts for operators and tests; nothing about the broker's address or users."""
         body = {
-            **service.hub.stats(),
+            **hub.stats(),
             "broker_connected": broker.is_connected,
             "tasks": len(asyncio.all_tasks()),
             "rss_bytes": _rss_bytes(),
@@ -84,7 +102,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
         return Response(json.dumps(body), headers={"Content-Type": "application/json"})
 
     app.add_url_rule(STATS_PATH, view_func=stats, methods=["GET"], strict_slashes=False)
-    app.asgi_app = ConnectEndpoint(app.asgi_app, service.hub, server)  # type: ignore[method-assign,assignment]
+    # Requests reach the connect endpoint first; everything else goes on to Quart.
+    app.asgi_app = ConnectEndpoint(app.asgi_app, hub, settings.server)  # type: ignore[method-assign]
     return app
 
 
@@ -142,7 +161,7 @@ async def serve_app(app: Quart) -> None:
             host,
             port,
             pulse.hostname,
-            pulse.port,
+            pulse.amqp_port,
             pulse.vhost,
             service.broker.queue_name,
         )

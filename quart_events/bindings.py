@@ -8,12 +8,16 @@ counts, the exchange allow-list) name the offending binding by its index.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-MAX_NAME_BYTES = 255  # AMQP short string: exchange names and routing keys
+MAX_NAME_BYTES = 255  # AMQP short string: routing keys
+# Exchange names as AMQP 0-9-1 defines them, which the AMQP library enforces.
+MAX_EXCHANGE_CHARS = 127
+EXCHANGE_NAME = re.compile(r"[A-Za-z0-9\-_.:@#,/+ ]*")
 
 MISSING = "The `bindings` query parameter is required."
 NOT_JSON = "The `bindings` query parameter is not valid JSON."
@@ -72,6 +76,17 @@ def _check_name(index: int, field_name: str, value: Any, *, allow_empty: bool) -
     return value
 
 
+def _check_exchange_name(index: int, exchange: str) -> None:
+    if len(exchange) > MAX_EXCHANGE_CHARS:
+        raise BindingError(
+            f"bindings[{index}]: `exchange` is longer than {MAX_EXCHANGE_CHARS} characters"
+        )
+    if not EXCHANGE_NAME.fullmatch(exchange):
+        raise BindingError(
+            f"bindings[{index}]: `exchange` may hold only letters, digits, spaces and -_.:@#,/+"
+        )
+
+
 def parse_bindings(raw: str | None, limits: Limits | None = None) -> list[Binding]:
     """Turn the ``bindings`` query parameter into bindings, or raise ``BindingError``."""
     limits = limits or Limits()
@@ -93,6 +108,7 @@ def parse_bindings(raw: str | None, limits: Limits | None = None) -> list[Bindin
     result = []
     for index, item in enumerate(items):
         exchange = _check_name(index, "exchange", item["exchange"], allow_empty=False)
+        _check_exchange_name(index, exchange)
         pattern = _check_name(
             index, "routingKeyPattern", item["routingKeyPattern"], allow_empty=True
         )

@@ -1,11 +1,16 @@
 """The AMQP side: one connection, one exclusive queue per process, binds on their own channel.
 
-Deliveries go to ``on_delivery`` as plain values; nothing is decoded here until a
-stream wants the message (see ``decode_payload`` and ``routes_of``). Binds run on
-a channel of their own: a bind to a missing exchange makes the broker close the
-channel it came on, and that must never be the consuming one. Bindings are kept
-out of aio-pika's robust bookkeeping on purpose (it replays every binding after a
-reconnect and loops when one exchange is gone); the hub owns them.
+Deliveries go to ``on_delivery`` as plain values; nothing is decoded here (the hub
+frames a message only when a stream wants it). Binds run on a channel of their
+own: a bind to a missing exchange makes the broker close the channel it came on,
+and that must never be the consuming one. Bindings are kept out of aio-pika's
+robust bookkeeping on purpose (it replays every binding after a reconnect and
+loops when one exchange is gone); ``shared_bindings`` owns them, and binds only on
+the connection it means (``generation``).
+
+The supervisor never dies and never waits for anyone: whatever a connect attempt
+raises is logged and retried with backoff, and ``on_connected`` is a plain call
+that only starts the restore, so a loss during a restore is met by reconnecting.
 """
 
 from __future__ import annotations
@@ -13,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import random
 import socket
 import ssl
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
@@ -30,57 +34,20 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic as _Basic
 
 from .bindings import Binding
+from .errors import BindFailed, BrokerUnavailable, NotConnected
 from .settings import PulseSettings
 
 log = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
 
-
 # What a lost connection or a closed channel raises from aiormq; worth a retry.
 TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
-class BrokerError(Exception):
-    """A broker failure, worded so it can be shown to a client or an operator."""
-
-
-class BrokerUnavailable(BrokerError):
-    """RabbitMQ cannot be reached or refused us."""
-
-
-class BindFailed(BrokerError):
-    """A binding could not be made; the message names the exchange, nothing internal."""
-
-
-def decode_payload(body: bytes) -> tuple[Any, bool]:
-    """The body as JSON, or as text (invalid UTF-8 replaced) when it is not JSON; and
-    whether it was JSON."""
-    try:
-        return json.loads(body), True
-    except (ValueError, RecursionError):
-        return body.decode("utf-8", "replace"), False
-
-
-def routes_of(headers: dict[str, Any] | None) -> list[str]:
-    """The ``CC`` entries that begin with ``route.``, without that prefix (Pulse's convention)."""
-    if not headers:
-        return []
-    cc = headers.get("CC")
-    if not isinstance(cc, list | tuple):
-        return []
-    routes = []
-    for entry in cc:
-        if isinstance(entry, bytes):
-            entry = entry.decode("utf-8", "replace")
-        if isinstance(entry, str) and entry.startswith("route."):
-            routes.append(entry[len("route.") :])
-    return routes
-
-
 def describe_connect_error(settings: PulseSettings, error: BaseException) -> str:
     """One line for an operator: where, and why, without the password."""
-    where = f"RabbitMQ at {settings.hostname}:{settings.port}"
+    where = f"RabbitMQ at {settings.hostname}:{settings.amqp_port}"
     if isinstance(
         error, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
     ):
@@ -106,8 +73,8 @@ class Broker:
 
     Every connection gets a fresh queue name: after a cut, the broker may still hold
     the old exclusive queue for the dead connection until its heartbeat runs out.
-    ``generation`` counts connections; ``on_connected`` runs after each one so the
-    hub can restore the bindings made on an earlier one.
+    ``generation`` counts connections; ``on_connected`` is called after each one so
+    the bindings made on an earlier one can be made again.
     """
 
     def __init__(
@@ -119,14 +86,14 @@ class Broker:
         self.settings = settings
         self.name = name
         self.on_delivery: DeliveryHandler = lambda *_: None
-        self.on_connected: Callable[[], Awaitable[None]] = _nothing
+        self.on_connected: Callable[[], None] = lambda: None
         self.queue_name = ""
         self.generation = 0
+        self.reconnects = 0
         self._settings_source = settings_source
         self._connection: AbstractConnection | None = None
         self._consume_channel: AbstractChannel | None = None
         self._bind_channel: aiormq.abc.AbstractChannel | None = None
-        self._bind_lock = asyncio.Lock()
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -136,11 +103,13 @@ class Broker:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
-    async def start(self, wait: bool = False) -> None:
-        """Connect now (raise ``BrokerUnavailable``), or with ``wait`` keep trying in the
-        background; either way, reconnect whenever the connection is lost."""
-        if not wait:
+    async def start(self, *, connect_in_background: bool = False) -> None:
+        """Connect now and raise ``BrokerUnavailable`` if that fails, or (with
+        ``connect_in_background``) keep trying in the background; either way, reconnect
+        whenever the connection is lost."""
+        if not connect_in_background:
             await self._connect()
+            self.on_connected()
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def close(self) -> None:
@@ -164,17 +133,18 @@ class Broker:
         return self.settings
 
     async def _connect(self) -> None:
+        """One attempt; whatever goes wrong is ``BrokerUnavailable``, nothing is left open."""
         settings = self._current_settings()
-        context = None
-        if settings.tls:
-            cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
-            context = ssl.create_default_context(cafile=cafile)
         queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
         connection: AbstractConnection | None = None
         try:
+            context = None
+            if settings.tls:
+                cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
+                context = ssl.create_default_context(cafile=cafile)
             connection = await aio_pika.connect(
                 host=settings.hostname,
-                port=settings.port,
+                port=settings.amqp_port,
                 login=settings.username,
                 password=settings.password.get_secret_value(),
                 virtualhost=settings.vhost,
@@ -186,7 +156,9 @@ class Broker:
             )
             channel = await connection.channel(publisher_confirms=False)
             await self._declare_and_consume(await channel.get_underlay_channel(), queue_name)
-        except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as error:
+            if connection.is_closed:
+                raise ConnectionError("the connection closed while it was set up")
+        except Exception as error:  # anything: the supervisor retries, the CLI says one line
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()
@@ -199,6 +171,13 @@ class Broker:
         channel.close_callbacks.add(self._on_close)
         self._lost.clear()
         self._connected.set()
+        log.info(
+            "connected to RabbitMQ at %s:%s (connection %d), queue %s",
+            settings.hostname,
+            settings.amqp_port,
+            self.generation,
+            queue_name,
+        )
 
     def _on_close(self, sender: Any, error: BaseException | None = None) -> None:
         if sender is not self._connection and sender is not self._consume_channel:
@@ -209,29 +188,25 @@ class Broker:
     async def _supervise(self) -> None:
         delay = self.settings.reconnect_min_delay
         while True:
-            if not self._connected.is_set():
-                try:
-                    await self._connect()
-                except BrokerUnavailable as error:
-                    pause = delay * random.uniform(0.75, 1.25)  # spread many instances out
-                    log.warning("%s; retrying in %.1f s", error, pause)
-                    await asyncio.sleep(pause)
-                    delay = min(delay * 2, self.settings.reconnect_max_delay)
-                    continue
-                delay = self.settings.reconnect_min_delay
-                log.info(
-                    "connected to RabbitMQ at %s:%s, queue %s",
-                    self.settings.hostname,
-                    self.settings.port,
-                    self.queue_name,
-                )
-                try:
-                    await self.on_connected()
-                except Exception:
-                    log.exception("restoring bindings failed")
-            await self._lost.wait()
-            log.warning("lost the connection to RabbitMQ; reconnecting")
-            await self._drop_connection()
+            if self._connected.is_set():
+                await self._lost.wait()
+                log.warning("lost the connection to RabbitMQ; reconnecting")
+                await self._drop_connection()
+            try:
+                await self._connect()
+            except Exception as error:  # BrokerUnavailable, or anything else: retry
+                pause = delay * random.uniform(0.75, 1.25)  # spread many instances out
+                log.warning("%s; retrying in %.1f s", error, pause)
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
+                continue
+            delay = self.settings.reconnect_min_delay
+            if self.generation > 1:
+                self.reconnects += 1
+            try:
+                self.on_connected()  # only starts the restore: never waits for it
+            except Exception:
+                log.exception("starting the restore of the bindings failed")
 
     async def _drop_connection(self) -> None:
         connection, self._connection = self._connection, None
@@ -274,70 +249,50 @@ class Broker:
 
     # -- bindings -------------------------------------------------------------------
 
-    async def _binding_channel(self) -> aiormq.abc.AbstractChannel:
+    async def _binding_channel(self, generation: int) -> aiormq.abc.AbstractChannel:
+        """The bind channel of connection ``generation`` (``NotConnected`` if that is gone)."""
+        if not self._connected.is_set() or self.generation != generation:
+            raise NotConnected("not connected to the message broker")
         if self._bind_channel is None or self._bind_channel.is_closed:
-            if self._connection is None or not self._connected.is_set():
-                raise BrokerUnavailable("the message broker is not connected")
+            assert self._connection is not None
             channel = await self._connection.channel(publisher_confirms=False)
             self._bind_channel = await channel.get_underlay_channel()
         return self._bind_channel
 
-    async def bind(self, binding: Binding) -> int:
-        """Bind the queue and return the connection generation it was made on.
+    async def bind(self, binding: Binding, generation: int) -> None:
+        """Bind the queue of connection ``generation``.
 
-        Waits for the broker up to ``wait_for_broker`` seconds (retrying a bind that a
-        lost connection interrupted); raises ``BindFailed`` naming the exchange when
-        RabbitMQ refuses it.
+        ``BindFailed`` (naming the exchange) when RabbitMQ refuses; ``NotConnected``
+        when that connection is gone, or the bind was interrupted (try again).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.wait_for_broker
-        unavailable = BindFailed(
-            f"could not bind to exchange `{binding.exchange}`: "
-            "the message broker is unavailable, try again later"
-        )
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise unavailable
-            try:
-                await asyncio.wait_for(self._connected.wait(), remaining)
-            except TimeoutError:
-                raise unavailable from None
-            generation = self.generation
-            async with self._bind_lock:
-                try:
-                    channel = await self._binding_channel()
-                    await channel.queue_bind(
-                        self.queue_name,
-                        binding.exchange,
-                        routing_key=binding.routing_key_pattern,
-                        timeout=self.settings.connect_timeout,
-                    )
-                    return generation
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    raise BindFailed(f"exchange `{binding.exchange}` does not exist") from None
-                except aiormq.exceptions.ChannelAccessRefused:
-                    raise BindFailed(f"access to exchange `{binding.exchange}` refused") from None
-                except (*TRANSIENT, BrokerUnavailable) as error:
-                    log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
-            await asyncio.sleep(0.05)
+        try:
+            channel = await self._binding_channel(generation)
+            await channel.queue_bind(
+                self.queue_name,
+                binding.exchange,
+                routing_key=binding.routing_key_pattern,
+                timeout=self.settings.connect_timeout,
+            )
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise BindFailed.missing(binding.exchange) from None
+        except aiormq.exceptions.ChannelAccessRefused:
+            raise BindFailed.refused(binding.exchange) from None
+        except TRANSIENT as error:
+            log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
+            raise NotConnected("the bind was interrupted") from error
+        if self.generation != generation or not self._connected.is_set():
+            raise NotConnected("the connection was lost during the bind")
 
-    async def unbind(self, binding: Binding) -> None:
-        if not self._connected.is_set():
-            return  # the queue went with the connection, and its bindings with it
-        async with self._bind_lock:
-            try:
-                channel = await self._binding_channel()
-                await channel.queue_unbind(
-                    self.queue_name,
-                    binding.exchange,
-                    routing_key=binding.routing_key_pattern,
-                    timeout=self.settings.connect_timeout,
-                )
-            except (*TRANSIENT, BrokerError) as e:
-                # The queue is exclusive: whatever is left goes with the connection.
-                log.info("unbind from %s failed: %r", binding.exchange, e)
-
-
-async def _nothing() -> None:
-    return None
+    async def unbind(self, binding: Binding, generation: int) -> None:
+        """Unbind if connection ``generation`` is still up; the queue is exclusive, so
+        whatever is left goes with that connection anyway."""
+        try:
+            channel = await self._binding_channel(generation)
+            await channel.queue_unbind(
+                self.queue_name,
+                binding.exchange,
+                routing_key=binding.routing_key_pattern,
+                timeout=self.settings.connect_timeout,
+            )
+        except (*TRANSIENT, NotConnected) as error:
+            log.info("unbind from %s not done: %r", binding.exchange, error)

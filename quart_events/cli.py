@@ -18,7 +18,7 @@ import click
 
 from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
-from .broker import BrokerUnavailable
+from .errors import BrokerUnavailable
 from .settings import DEFAULT_PROFILE, PROFILES, Settings, SettingsError, load_settings
 
 EXIT_FAILURE = 1

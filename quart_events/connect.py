@@ -2,10 +2,10 @@
 
 Why not a Quart route: a server holds thousands of these streams open, and Quart's
 per-request machinery (two tasks, a request and a response object, contexts) cost
-about a third of the memory of each (measured: 29.7 KiB per idle stream through
-Quart, see docs/performance.md). Here each stream costs hypercorn's connection, the
-handler's task and one task that waits for the client to leave. Everything else
-(lifespan, stats, 404s) goes on to Quart.
+about a third of the memory of each (docs/performance.md has the figures). Here each
+stream costs hypercorn's connection, the handler's task and, only while there is
+something to write, a writer task. Everything else (lifespan, stats, 404s) goes on
+to Quart.
 """
 
 from __future__ import annotations
@@ -13,15 +13,22 @@ from __future__ import annotations
 import asyncio
 import random
 import urllib.parse
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable
+
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    HTTPScope,
+    Scope,
+)
 
 from . import sse
 from .bindings import BindingError, parse_bindings
-from .hub import Hub, Stream
+from .hub import Hub
 from .settings import ServerSettings
+from .stream import Stream
 
-ASGIApp = Any  # (scope, receive, send) -> awaitable; hypercorn and Quart type it loosely
 PATHS = frozenset(
     path + slash for path in ("/api/events/v1/connect", "/events/v1/connect") for slash in ("", "/")
 )
@@ -30,18 +37,23 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+# Over the stream limit an EventSource is asked to come back after this long (ms),
+# jittered so refused clients spread out; other clients get 503 and Retry-After (s).
+FULL_RETRY_MS = (5_000, 30_000)
 
 
 class ConnectEndpoint:
     """Serves GET on the connect paths; passes every other request on to ``app``."""
 
-    def __init__(self, app: ASGIApp, hub: Hub, settings: ServerSettings) -> None:
+    def __init__(self, app: ASGIFramework, hub: Hub, settings: ServerSettings) -> None:
         self.app = app
         self.hub = hub
         self.settings = settings
         self.cors = [(b"access-control-allow-origin", settings.cors_allow_origin.encode())]
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         if scope["type"] != "http" or scope["path"] not in PATHS:
             await self.app(scope, receive, send)
         elif scope["method"] != "GET":
@@ -51,10 +63,10 @@ class ConnectEndpoint:
 
     async def _plain(
         self,
-        send: Any,
+        send: ASGISendCallable,
         status: int,
         text: str,
-        headers: Sequence[tuple[bytes, bytes]] = (),
+        headers: Iterable[tuple[bytes, bytes]] = (),
     ) -> None:
         body = text.encode()
         await send(
@@ -69,14 +81,17 @@ class ConnectEndpoint:
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _connect(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _connect(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
         settings = self.settings
-        if any(name.lower() == b"last-event-id" for name, _ in scope["headers"]):
+        headers = {name.lower(): value for name, value in scope["headers"]}
+        if b"last-event-id" in headers:
             # An EventSource reconnecting after its stream ended: tell it to stop.
             await send({"type": "http.response.start", "status": 204, "headers": self.cors})
-            await send({"type": "http.response.body", "body": b""})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if len(scope["raw_path"]) + len(scope["query_string"]) > settings.max_request_line:
             limit = settings.max_request_line
@@ -85,17 +100,14 @@ class ConnectEndpoint:
         try:
             bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
         except BindingError as error:
-            await self._start_stream(send)
-            await send({"type": "http.response.body", "body": sse.error(str(error))})
+            await self._stream_of(send, sse.error(str(error)))
+            return
+        if self.hub.shutting_down:
+            # This process is going away: come back (to the next one) as if it had ended.
+            await self._stream_of(send, self.hub.goodbye())
             return
         if len(self.hub.streams) >= settings.max_streams:
-            retry_after = str(random.randint(5, 30)).encode()  # jittered: refused clients spread
-            await self._plain(
-                send,
-                503,
-                "Too many streams on this server; retry later.\n",
-                [(b"retry-after", retry_after)],
-            )
+            await self._refuse(send, b"text/event-stream" in headers.get(b"accept", b""))
             return
         await self._start_stream(send)
         client = _Client(send)
@@ -115,7 +127,26 @@ class ConnectEndpoint:
             client.stop_writing()
             self.hub.close(client.stream)
 
-    async def _start_stream(self, send: Any) -> None:
+    async def _refuse(self, send: ASGISendCallable, event_source: bool) -> None:
+        """Over the stream limit. An EventSource stops for good on a 503, so it gets a
+        stream that ends at once and asks it to come back later; others get the 503."""
+        if event_source:
+            await self._stream_of(send, sse.goodbye(random.randint(*FULL_RETRY_MS)))
+            return
+        retry_after = str(random.randint(*FULL_RETRY_MS) // 1000).encode()
+        await self._plain(
+            send,
+            503,
+            "Too many streams on this server; retry later.\n",
+            [(b"retry-after", retry_after)],
+        )
+
+    async def _stream_of(self, send: ASGISendCallable, frame: bytes) -> None:
+        """A whole stream of one frame."""
+        await self._start_stream(send)
+        await send({"type": "http.response.body", "body": frame, "more_body": False})
+
+    async def _start_stream(self, send: ASGISendCallable) -> None:
         # Headers go out at once, before any event (hypercorn sends them on this message).
         await send(
             {"type": "http.response.start", "status": 200, "headers": [*STREAM_HEADERS, *self.cors]}
@@ -126,16 +157,15 @@ class _Client:
     """Writes one stream to its client, from a task that lives only while it writes.
 
     An idle stream then costs no task of its own beyond the request's, which waits for
-    the client to leave (measured: 1.8 KiB less per idle stream than a writer task
-    waiting for frames).
+    the client to leave.
     """
 
-    __slots__ = ("ended", "request", "send", "stream", "writer")
+    __slots__ = ("ended", "request_task", "send", "stream", "writer")
 
-    def __init__(self, send: Any) -> None:
+    def __init__(self, send: ASGISendCallable) -> None:
         self.send = send
         self.stream: Stream | None = None
-        self.request = asyncio.current_task()
+        self.request_task = asyncio.current_task()
         self.writer: asyncio.Task[None] | None = None
         self.ended = False  # the response is complete: the request task may stop
 
@@ -151,7 +181,7 @@ class _Client:
                 chunk = stream.take()
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             if stream.finished:
-                await self.send({"type": "http.response.body", "body": b""})
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
                 self._end()
         finally:
             self.writer = None
@@ -160,8 +190,8 @@ class _Client:
         if self.ended:
             return
         self.ended = True
-        if self.request is not None and self.request is not asyncio.current_task():
-            self.request.cancel()
+        if self.request_task is not None and self.request_task is not asyncio.current_task():
+            self.request_task.cancel()
 
     def abort(self) -> None:
         """The client takes nothing any more: stop writing, end the request."""
@@ -174,11 +204,10 @@ class _Client:
             writer.cancel()
 
 
-def _bindings_parameter(scope: dict[str, Any]) -> str | None:
+def _bindings_parameter(scope: HTTPScope) -> str | None:
     """The first ``bindings`` query parameter; other parameters are ignored."""
-    query_string: bytes = scope["query_string"]
     query = urllib.parse.parse_qs(
-        query_string.decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
+        scope["query_string"].decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
     )
     values = query.get("bindings")
     return values[0] if values else None

@@ -1,232 +1,50 @@
-"""Subscriptions: which stream wants what, shared bindings, fan-out into bounded buffers.
+"""The registry of open streams: who is ready, who matches a message, fan-out.
 
-Each distinct binding is bound once on the broker, however many streams use it,
-and unbound when its last stream leaves. Operations on one binding run strictly
-in the order they were asked for (a bind still in flight when its stream leaves
-is followed by its unbind, never overtaken by it). A stream joins the topic tries,
-and so starts getting messages, when all its bindings are in effect: that is the
-moment its ``ready`` goes out. A message is decoded and framed once, and the same
-bytes go to every matching stream.
+A stream joins the topic tries, and so starts getting messages, when every one of
+its bindings is in effect on the current broker connection: that is the moment
+its ``ready`` goes out. After a reconnect each stream gets ``ready`` again once
+its bindings are bound on the new connection, or an ``error`` when the broker
+refuses one. A message is framed once, and the same bytes go to every matching
+stream, once per stream, whether its routing key or a ``CC`` key matched.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from . import sse
 from .bindings import Binding
-from .broker import BrokerError, decode_payload, routes_of
+from .errors import BindFailed, client_message
 from .settings import ServerSettings
+from .shared_bindings import SharedBinding, SharedBindings
+from .stream import Stream, no_op
 from .topic import TopicTrie
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-TOO_SLOW = "The stream was closed because the client read it too slowly."
-
-
-def _nothing() -> None:
-    return None
-
-
-def _failure(task: asyncio.Task[Any]) -> BaseException | None:
-    """Why a finished broker operation failed, or ``None`` when it succeeded."""
-    if task.cancelled():
-        return BrokerError("the operation was cancelled")
-    return task.exception()
-
-
-def _client_message(error: BaseException) -> str:
-    return str(error) if isinstance(error, BrokerError) else "binding failed"
-
-
-class Binder(Protocol):
-    on_delivery: Callable[[str, str, bool, bytes, dict[str, Any] | None], None]
-    on_connected: Callable[[], Awaitable[None]]
-    generation: int
-
-    async def bind(self, binding: Binding) -> int: ...
-
-    async def unbind(self, binding: Binding) -> None: ...
-
-
-class Stream:
-    """One client's bindings and its bounded buffer of frames waiting to be written.
-
-    Whoever writes it to the client sets ``on_frames`` (called when frames are
-    waiting or the stream finished) and ``on_abort`` (called when the client takes
-    nothing any more). Slotted and lean: a server holds thousands.
-    """
-
-    __slots__ = (
-        "bindings",
-        "buffered_bytes",
-        "entries",
-        "finished",
-        "frames",
-        "generation",
-        "joined",
-        "max_bytes",
-        "max_frames",
-        "on_abort",
-        "on_frames",
-        "pending_since",
-    )
-
-    def __init__(
-        self,
-        bindings: Iterable[Binding],
-        max_frames: int,
-        max_bytes: int,
-        on_frames: Callable[[], None] = _nothing,
-        on_abort: Callable[[], None] = _nothing,
-    ) -> None:
-        self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
-        self.max_frames = max_frames
-        self.max_bytes = max_bytes
-        self.on_frames = on_frames
-        self.on_abort = on_abort
-        self.frames: list[bytes] = []
-        self.buffered_bytes = 0
-        self.finished = False
-        self.joined = False  # in the topic tries: gets messages
-        self.generation = 0  # the broker connection its last `ready` was for
-        self.pending_since = 0.0  # when the oldest unwritten frame was queued
-        self.entries: list[_Entry] = []  # its share of the hub's bindings
-
-    def push(self, frame: bytes) -> bool:
-        """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
-        if self.finished:
-            return True
-        if len(self.frames) >= self.max_frames or self.buffered_bytes + len(frame) > self.max_bytes:
-            # Drop what the client did not read: memory stays bounded, the client is told why.
-            self.frames.clear()
-            self.buffered_bytes = 0
-            self.finish(sse.error(TOO_SLOW))
-            return False
-        if not self.frames:
-            self.pending_since = time.monotonic()
-        self.frames.append(frame)
-        self.buffered_bytes += len(frame)
-        self.on_frames()
-        return True
-
-    def finish(self, last_frame: bytes | None = None) -> None:
-        """End the stream after what is buffered, and ``last_frame``."""
-        if self.finished:
-            return
-        if last_frame is not None:
-            if not self.frames:
-                self.pending_since = time.monotonic()
-            self.frames.append(last_frame)
-            self.buffered_bytes += len(last_frame)
-        self.finished = True
-        self.on_frames()
-
-    def abort(self) -> None:
-        """Stop writing to a client that does not take what is written (gone or stuck)."""
-        self.frames.clear()
-        self.buffered_bytes = 0
-        self.finished = True
-        self.on_abort()
-
-    def take(self) -> bytes:
-        """Every frame waiting, as one write (empty when there is none)."""
-        frames = self.frames
-        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
-        frames.clear()
-        self.buffered_bytes = 0
-        return chunk
-
-
-class _Entry:
-    """A binding's life on the broker, shared by the streams that use it."""
-
-    __slots__ = ("binding", "bound", "generation", "refs")
-
-    def __init__(self, binding: Binding, bound: asyncio.Task[int]) -> None:
-        self.binding = binding
-        self.bound = bound  # the bind; replaced by a failed rebind after a reconnect
-        self.refs = 0
-        self.generation = 0  # the broker connection it is bound on
-        bound.add_done_callback(self._bound)
-
-    def _bound(self, task: asyncio.Task[int]) -> None:
-        if _failure(task) is None:
-            self.generation = task.result()
 
 
 class Hub:
-    """The registry of open streams and of the bindings they share."""
+    """Open streams, their topic tries, and their state with the broker."""
 
-    def __init__(self, settings: ServerSettings, binder: Binder) -> None:
+    def __init__(self, settings: ServerSettings, shared: SharedBindings, wait_for_broker: float):
         self.settings = settings
-        self.binder = binder
-        binder.on_delivery = self.deliver
-        binder.on_connected = self.restore
+        self.shared = shared
+        self.wait_for_broker = wait_for_broker
         self.streams: set[Stream] = set()
-        self._entries: dict[Binding, _Entry] = {}
-        self._activations: dict[Stream, asyncio.Task[None]] = {}
-        self._last_op: dict[Binding, asyncio.Task[Any]] = {}
+        self.shutting_down = False
+        self._waiting: dict[SharedBinding, set[Stream]] = {}
         self._tries: dict[str, TopicTrie[Stream]] = {}
-        self._pinger: asyncio.Task[None] | None = None
         self.counters = {"deliveries": 0, "non_json": 0, "too_slow": 0, "stuck": 0}
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def start(self) -> None:
-        self._pinger = asyncio.ensure_future(self._ping_forever())
-
-    async def _ping_forever(self) -> None:
-        # On a fixed schedule, so the time spent pinging thousands of streams does not
-        # add up into late pings.
-        loop = asyncio.get_running_loop()
-        tick = loop.time()
-        while True:
-            tick += self.settings.ping_interval
-            await asyncio.sleep(max(0.0, tick - loop.time()))
-            frame = sse.ping()
-            stuck_before = time.monotonic() - self.settings.write_timeout
-            for stream in list(self.streams):
-                if stream.frames and stream.pending_since < stuck_before:
-                    # Nothing was written for write_timeout: the client is gone or stuck.
-                    self.counters["stuck"] += 1
-                    stream.abort()
-                    self.close(stream)
-                else:
-                    self._push(stream, frame)
-
-    def begin_shutdown(self) -> None:
-        """End every stream with a frame that makes an EventSource reconnect, spread out."""
-        low, high = self.settings.retry_min_ms, self.settings.retry_max_ms
-        for stream in list(self.streams):
-            stream.finish(sse.goodbye(random.randint(low, high)))
-
-    async def stop(self) -> None:
-        """After the streams are gone: stop pinging and let pending broker work finish."""
-        if self._pinger is not None:
-            self._pinger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pinger
-        pending = list(self._last_op.values())
-        if pending:
-            _, unfinished = await asyncio.wait(pending, timeout=5)
-            for task in unfinished:
-                task.cancel()
 
     # -- streams ---------------------------------------------------------------
 
     def open(
         self,
         bindings: Iterable[Binding],
-        on_frames: Callable[[], None] = _nothing,
-        on_abort: Callable[[], None] = _nothing,
+        on_frames: Callable[[], None] = no_op,
+        on_abort: Callable[[], None] = no_op,
     ) -> Stream:
         """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
         settings = self.settings
@@ -234,133 +52,122 @@ class Hub:
             bindings, settings.buffer_messages, settings.buffer_bytes, on_frames, on_abort
         )
         self.streams.add(stream)
-        stream.entries = [self._acquire(binding) for binding in stream.bindings]
-        pending = [entry.bound for entry in stream.entries if not entry.bound.done()]
-        if pending:
-            activation = asyncio.ensure_future(self._activate(stream, pending))
-            self._activations[stream] = activation
-            activation.add_done_callback(lambda _: self._activations.pop(stream, None))
-        else:  # every binding is in effect already: ready at once, no task needed
-            self._join(stream)
+        stream.shares = [self.shared.acquire(binding) for binding in stream.bindings]
+        if self._wait(stream):
+            # A new stream waits for the broker so long, then is told it is unavailable.
+            loop = asyncio.get_running_loop()
+            stream.deadline = loop.call_later(self.wait_for_broker, self._give_up, stream)
+        else:  # every binding is in effect already: ready at once
+            self._ready(stream)
         return stream
 
-    async def _activate(self, stream: Stream, pending: list[asyncio.Task[int]]) -> None:
-        # asyncio.wait does not cancel the binds if this stream leaves meanwhile.
-        await asyncio.wait(pending)
-        self._join(stream)
-
-    def _join(self, stream: Stream) -> None:
-        """All binds are done: on success the stream joins the tries and gets `ready`."""
-        for entry in stream.entries:
-            error = _failure(entry.bound)
-            if error is not None:
-                stream.finish(sse.error(_client_message(error)))
-                return
-        for binding in stream.bindings:
-            self._tries.setdefault(binding.exchange, TopicTrie()).add(
-                binding.routing_key_pattern, stream
-            )
-        stream.joined = True
-        stream.generation = self.binder.generation
-        stream.push(sse.READY)
-
-    async def restore(self) -> None:
-        """After a reconnect: bind again what was bound before, then `ready` each stream
-        again; a stream whose exchange is gone gets an `error` instead."""
-        generation = self.binder.generation
-        stale = [
-            entry
-            for entry in self._entries.values()
-            if entry.bound.done()
-            and _failure(entry.bound) is None
-            and entry.generation < generation
-        ]
-        rebinds = {entry: self._schedule(entry.binding, self.binder.bind) for entry in stale}
-        if rebinds:
-            await asyncio.wait(rebinds.values())
-        failed: dict[Binding, BaseException] = {}
-        for entry, task in rebinds.items():
-            error = _failure(task)
-            if error is None:
-                entry.generation = task.result()
-            else:
-                failed[entry.binding] = error
-                entry.bound = task  # a later stream will try to bind it afresh
-        for stream in list(self.streams):
-            if not stream.joined or stream.finished or stream.generation >= generation:
-                continue
-            errors = [failed[binding] for binding in stream.bindings if binding in failed]
-            if errors:
-                stream.finish(sse.error(_client_message(errors[0])))
-            else:
-                stream.generation = generation
-                stream.push(sse.READY)
-
     def close(self, stream: Stream) -> None:
-        """Forget a stream (its client left or it ended); unbind what nobody else uses."""
+        """Forget a stream (its client left or it ended); release what it held."""
         if stream not in self.streams:
             return
         self.streams.discard(stream)
         stream.finish()
-        activation = self._activations.pop(stream, None)
-        if activation is not None:
-            activation.cancel()
+        self._unwait(stream)
         if stream.joined:
             for binding in stream.bindings:
                 trie = self._tries[binding.exchange]
                 trie.discard(binding.routing_key_pattern, stream)
                 if not len(trie):
                     del self._tries[binding.exchange]
-        for entry in stream.entries:
-            self._release(entry)
-        stream.entries = []
+        for share in stream.shares:
+            self.shared.release(share)
+        stream.shares = []
 
-    # -- shared bindings -------------------------------------------------------
+    def _wait(self, stream: Stream) -> bool:
+        """Note what the stream waits for; ``False`` when every binding is in effect."""
+        self._unwait(stream)
+        for share in stream.shares:
+            if not self.shared.in_effect(share):
+                self._waiting.setdefault(share, set()).add(stream)
+                stream.waiting_for += 1
+        return stream.waiting_for > 0
 
-    def _acquire(self, binding: Binding) -> _Entry:
-        entry = self._entries.get(binding)
-        if entry is None or (entry.bound.done() and _failure(entry.bound) is not None):
-            # New, or failed before (the exchange may exist by now): bind it (again).
-            entry = _Entry(binding, self._schedule(binding, self.binder.bind))
-            self._entries[binding] = entry
-        entry.refs += 1
-        return entry
+    def _unwait(self, stream: Stream) -> None:
+        if stream.deadline is not None:
+            stream.deadline.cancel()
+            stream.deadline = None
+        if stream.waiting_for:
+            for share in stream.shares:
+                waiters = self._waiting.get(share)
+                if waiters is not None:
+                    waiters.discard(stream)
+                    if not waiters:
+                        del self._waiting[share]
+            stream.waiting_for = 0
 
-    def _release(self, entry: _Entry) -> None:
-        entry.refs -= 1
-        if entry.refs:
-            return
-        if self._entries.get(entry.binding) is entry:
-            del self._entries[entry.binding]
+    def settled(self, share: SharedBinding) -> None:
+        """The broker answered for ``share``: bound on this connection, or refused."""
+        if share.failure is None and not self.shared.in_effect(share):
+            return  # bound on a connection that is gone already: it is bound again
+        for stream in self._waiting.pop(share, ()):
+            if share.failure is not None:
+                self._fail(stream, share.failure)
+            else:
+                stream.waiting_for -= 1
+                if not stream.waiting_for:
+                    self._ready(stream)
 
-        async def unbind(binding: Binding) -> None:
-            if _failure(entry.bound) is None:
-                await self.binder.unbind(binding)
+    def _ready(self, stream: Stream) -> None:
+        if stream.deadline is not None:
+            stream.deadline.cancel()
+            stream.deadline = None
+        if not stream.joined:
+            for binding in stream.bindings:
+                self._tries.setdefault(binding.exchange, TopicTrie()).add(
+                    binding.routing_key_pattern, stream
+                )
+            stream.joined = True
+        stream.generation = self.shared.binder.generation
+        stream.push(sse.READY)
 
-        self._schedule(entry.binding, unbind)
+    def _fail(self, stream: Stream, error: BaseException) -> None:
+        self._unwait(stream)
+        stream.finish(sse.error(client_message(error)))
 
-    def _schedule(
-        self, binding: Binding, operation: Callable[[Binding], Awaitable[T]]
-    ) -> asyncio.Task[T]:
-        """Run ``operation`` after every earlier operation on the same binding."""
-        previous = self._last_op.get(binding)
+    def _give_up(self, stream: Stream) -> None:
+        stream.deadline = None
+        waiting = next((share for share in stream.shares if not self.shared.in_effect(share)), None)
+        exchange = waiting.binding.exchange if waiting else ""
+        self._fail(stream, BindFailed.unavailable(exchange))
 
-        async def run() -> T:
-            if previous is not None:
-                await asyncio.wait([previous])
-            return await operation(binding)
+    def reconnected(self) -> None:
+        """A new broker connection: each stream that was ready is made ready again on it."""
+        self.shared.connected()
+        generation = self.shared.binder.generation
+        for stream in self.streams:
+            stale = stream.joined and not stream.finished and stream.generation < generation
+            if stale and not self._wait(stream):
+                self._ready(stream)
 
-        task = asyncio.ensure_future(run())
-        self._last_op[binding] = task
+    # -- the timer's work ------------------------------------------------------------
 
-        def done(finished: asyncio.Task[T]) -> None:
-            if self._last_op.get(binding) is finished:
-                del self._last_op[binding]
-            if not finished.cancelled() and finished.exception() is not None:
-                log.debug("broker operation on %s failed: %r", binding, finished.exception())
+    def ping_streams(self) -> None:
+        frame = sse.ping()
+        for stream in list(self.streams):
+            self._push(stream, frame)
 
-        task.add_done_callback(done)
-        return task
+    def drop_stuck_streams(self) -> None:
+        """End streams whose client took nothing for ``write_timeout``: gone or stuck."""
+        stuck_before = time.monotonic() - self.settings.write_timeout
+        for stream in list(self.streams):
+            if stream.frames and stream.pending_since < stuck_before:
+                self.counters["stuck"] += 1
+                stream.abort()
+                self.close(stream)
+
+    def begin_shutdown(self) -> None:
+        """End every stream with a frame that makes an EventSource reconnect, spread out."""
+        self.shutting_down = True
+        for stream in list(self.streams):
+            stream.finish(self.goodbye())
+
+    def goodbye(self) -> bytes:
+        return sse.goodbye(random.randint(self.settings.retry_min_ms, self.settings.retry_max_ms))
 
     # -- messages --------------------------------------------------------------
 
@@ -372,18 +179,21 @@ class Hub:
         body: bytes,
         headers: dict[str, Any] | None,
     ) -> None:
-        """Fan one delivery out: decode and frame it once, for every matching stream."""
+        """Fan one delivery out to every stream whose bindings match its routing key or a
+        ``CC`` key (RabbitMQ routes by both); frame it once."""
         self.counters["deliveries"] += 1
         trie = self._tries.get(exchange)
         if trie is None:
             return
         streams = trie.match(routing_key)
+        cc = sse.cc_keys(headers)
+        for key in cc:
+            streams |= trie.match(key)
         if not streams:
             return
-        payload, is_json = decode_payload(body)
+        frame, is_json = sse.message(body, exchange, routing_key, redelivered, cc)
         if not is_json:
             self.counters["non_json"] += 1
-        frame = sse.message(payload, exchange, routing_key, redelivered, routes_of(headers))
         for stream in streams:
             self._push(stream, frame)
 
@@ -391,17 +201,13 @@ class Hub:
         if not stream.push(frame):
             self.counters["too_slow"] += 1
 
-    # -- introspection (tests, metrics) ------------------------------------------
-
-    def bound_bindings(self) -> set[Binding]:
-        """Bindings this process holds on the broker or is about to."""
-        return set(self._entries)
+    # -- introspection (tests, stats) ------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         return {
             "streams": len(self.streams),
-            "bindings": len(self._entries),
-            "pending_broker_operations": len(self._last_op),
+            "bindings": len(self.shared),
+            "pending_broker_operations": self.shared.pending,
             "buffered_bytes": sum(stream.buffered_bytes for stream in self.streams),
             "trie_entries": sum(len(trie) for trie in self._tries.values()),
             **self.counters,

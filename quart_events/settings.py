@@ -10,13 +10,22 @@ or variable) and the key, never the value: it may be a password.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -38,6 +47,7 @@ TASKCLUSTER_ENV = {
     "PULSE_PASSWORD": ("pulse", "password"),
     "PULSE_VHOST": ("pulse", "vhost"),
     "PULSE_NAMESPACE": ("pulse", "namespace"),
+    "PULSE_AMQPS": ("pulse", "tls"),
     "PORT": ("server", "port"),
 }
 
@@ -79,11 +89,19 @@ class ServerSettings(BaseModel):
         )
 
 
+AMQP_PORT, AMQPS_PORT = 5672, 5671
+# A host name or an IP address, as aio-pika puts it into a URL; no port, scheme or list.
+HOSTNAME = re.compile(
+    r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?"  # a name or an IPv4 address
+    r"|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?"  # an IPv6 address
+)
+
+
 class PulseSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hostname: str
-    port: int = Field(ge=1, le=65535)
+    port: int | None = Field(default=None, ge=1, le=65535)  # none: 5671 with TLS, else 5672
     username: str
     password: SecretStr
     vhost: str
@@ -98,6 +116,20 @@ class PulseSettings(BaseModel):
     reconnect_max_delay: float = Field(gt=0)
     queue_max_length: int = Field(ge=1)
     prefetch_count: int = Field(ge=1, le=65535)
+
+    @field_validator("hostname")
+    @classmethod
+    def _one_host(cls, value: str) -> str:
+        if not HOSTNAME.fullmatch(value):
+            raise ValueError("must be one host name or IP address, without a port or scheme")
+        return value
+
+    @property
+    def amqp_port(self) -> int:
+        """The port to connect to: the one set, else AMQP's (5671 with TLS, amqps)."""
+        if self.port is not None:
+            return self.port
+        return AMQPS_PORT if self.tls else AMQP_PORT
 
     @model_validator(mode="after")
     def _namespace_defaults_to_username(self) -> PulseSettings:

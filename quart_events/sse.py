@@ -1,26 +1,35 @@
-"""Server-Sent Events framing: bytes out, no I/O.
+"""The wire format: a delivery's content turned into Server-Sent Events frames. No I/O.
 
 Every event carries ``id: -`` like the original service: an EventSource that
 reconnects after the stream ended then sends ``Last-Event-ID`` and is answered
 204, so it stops instead of retrying bad input forever. The shutdown frame
-empties the id, so that reconnect is a fresh one. Data is always one line of
-JSON; JSON escapes every newline a payload may hold.
+empties the id, so that reconnect is a fresh one.
+
+Data is always one line of strict JSON (no ``NaN`` or ``Infinity``, which a
+browser's ``JSON.parse`` refuses). A body that is strict JSON goes out as its own
+text (newlines, which JSON allows only between tokens, become spaces), so a
+number such as ``1e400`` is passed on as written and nothing is re-encoded; any
+other body (not UTF-8, not JSON, non-standard constants, nested too deep to
+parse) goes out as a JSON string of its text.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+ROUTE_PREFIX = "route."
+
 
 def to_json(value: Any) -> str:
-    """Compact JSON as JavaScript's ``JSON.stringify`` writes it (UTF-8, not escaped)."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    """Compact strict JSON as JavaScript's ``JSON.stringify`` writes it (UTF-8, not escaped)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: only the escaped form is valid UTF-8
-        text = json.dumps(value, separators=(",", ":"))
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     return text
 
 
@@ -38,19 +47,6 @@ def ping(now: datetime | None = None) -> bytes:
     return event("ping", to_json({"time": stamp}))
 
 
-def message(
-    payload: Any, exchange: str, routing_key: str, redelivered: bool, routes: list[str]
-) -> bytes:
-    data = {
-        "payload": payload,
-        "exchange": exchange,
-        "routingKey": routing_key,
-        "redelivered": redelivered,
-        "routes": routes,
-    }
-    return event("message", to_json(data))
-
-
 def error(message: str) -> bytes:
     return event("error", to_json(message))
 
@@ -58,3 +54,65 @@ def error(message: str) -> bytes:
 def goodbye(retry_ms: int) -> bytes:
     """Last frame on shutdown: empty the event id and ask for a reconnect after ``retry_ms``."""
     return f"id:\nretry: {int(retry_ms)}\n\n".encode()
+
+
+# -- deliveries -------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def json_body(body: bytes) -> bytes | None:
+    """The body as one line of strict JSON, or ``None`` when it is not strict JSON."""
+    try:
+        text = body.decode("utf-8")
+        json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError included
+        return None
+    if b"\n" in body or b"\r" in body:
+        # Outside strings only (JSON strings hold no raw line breaks): plain whitespace.
+        body = body.replace(b"\r", b" ").replace(b"\n", b" ")
+    return body
+
+
+def cc_keys(headers: Mapping[str, Any] | None) -> list[str]:
+    """The ``CC`` header's routing keys: RabbitMQ routes a message by these too."""
+    if not headers:
+        return []
+    cc = headers.get("CC")
+    if not isinstance(cc, list | tuple):
+        return []
+    keys = []
+    for entry in cc:
+        if isinstance(entry, bytes):
+            entry = entry.decode("utf-8", "replace")
+        if isinstance(entry, str):
+            keys.append(entry)
+    return keys
+
+
+def routes(cc: list[str]) -> list[str]:
+    """The CC keys that begin with ``route.``, without that prefix (Pulse's convention)."""
+    return [key[len(ROUTE_PREFIX) :] for key in cc if key.startswith(ROUTE_PREFIX)]
+
+
+def message(
+    body: bytes, exchange: str, routing_key: str, redelivered: bool, cc: list[str]
+) -> tuple[bytes, bool]:
+    """The ``message`` frame of one delivery, and whether its body was JSON."""
+    payload = json_body(body)
+    is_json = payload is not None
+    if payload is None:
+        payload = to_json(body.decode("utf-8", "replace")).encode()
+    rest = to_json(
+        {
+            "exchange": exchange,
+            "routingKey": routing_key,
+            "redelivered": redelivered,
+            "routes": routes(cc),
+        }
+    ).encode()
+    # {"payload":<body>, + the rest without its opening brace: the key order of the original.
+    data = b'{"payload":' + payload + b"," + rest[1:]
+    return b"event: message\ndata: " + data + b"\nid: -\n\n", is_json

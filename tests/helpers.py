@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
@@ -147,14 +148,62 @@ class EventsServer:
         return broker_bindings(f"queue/{self.namespace}/events/")
 
 
+# -- the broker, as a test sees it ---------------------------------------------------
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS`` on the local broker; its output, or ``RuntimeError``."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=180)
+    if done.returncode:
+        raise RuntimeError(f"rabbitmqctl {args[0]} failed: {done.stderr}")
+    return done.stdout
+
+
+async def arabbitmqctl(*args: str) -> str:
+    """``rabbitmqctl`` without blocking the test's event loop."""
+    return await asyncio.to_thread(rabbitmqctl, *args)
+
+
+def queues_of(namespace: str) -> list[str]:
+    """The server queues the broker holds for ``namespace``."""
+    names = rabbitmqctl("list_queues", "name").split()
+    return [name for name in names if name.startswith(f"queue/{namespace}/")]
+
+
+async def declare_exchange(name: str, durable: bool = False) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=durable)
+
+
+async def delete_exchange(name: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(name)
+
+
+async def publish(
+    exchange: aio_pika.abc.AbstractExchange | str,
+    key: str,
+    body: bytes,
+    headers: dict[str, Any] | None = None,
+) -> None:
+    """Publish as Taskcluster does: a topic exchange, ``CC`` routes in ``headers``."""
+    message = aio_pika.Message(body, headers=headers)
+    if isinstance(exchange, str):
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange)
+            await target.publish(message, routing_key=key)
+    else:
+        await exchange.publish(message, routing_key=key)
+
+
 def broker_bindings(queue_prefix: str) -> list[tuple[str, str]]:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_bindings", "source_name", "destination_name", "routing_key"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    out = rabbitmqctl("list_bindings", "source_name", "destination_name", "routing_key")
     found = []
     for line in out.splitlines():
         parts = line.split("\t")

@@ -106,8 +106,16 @@ def test_original_messages(raw: str | None, message: str) -> None:
         ),
         ({"exchange": "", "routingKeyPattern": "#"}, "bindings[1]: `exchange` must not be empty"),
         (
-            {"exchange": "e" * 256, "routingKeyPattern": "#"},
-            "bindings[1]: `exchange` is longer than 255 bytes",
+            {"exchange": "e" * 128, "routingKeyPattern": "#"},
+            "bindings[1]: `exchange` is longer than 127 characters",
+        ),
+        (
+            {"exchange": "exchange/ü", "routingKeyPattern": "#"},
+            "bindings[1]: `exchange` may hold only letters, digits, spaces and -_.:@#,/+",
+        ),
+        (
+            {"exchange": "exchange/a*b", "routingKeyPattern": "#"},
+            "bindings[1]: `exchange` may hold only letters, digits, spaces and -_.:@#,/+",
         ),
         (
             {"exchange": "e", "routingKeyPattern": "é" * 128},
@@ -130,8 +138,10 @@ def test_checks_beyond_the_original_name_the_binding(
     assert error_of(json.dumps({"bindings": [good, binding]})) == message
 
 
-def test_names_of_exactly_255_bytes_pass() -> None:
-    assert parse({"bindings": [{"exchange": "e" * 255, "routingKeyPattern": "k" * 255}]})
+def test_names_at_the_limits_pass() -> None:
+    exchange = "exchange/A-z_0.9:@#,/+ " + "e" * 104
+    assert len(exchange) == 127
+    assert parse({"bindings": [{"exchange": exchange, "routingKeyPattern": "k" * 255}]})
 
 
 def test_too_many_bindings() -> None:

@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 from helpers import AMQP_URL, EventsServer, SSEReader, bindings_param, wait_until
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 CYCLES = 10_000
 WARM_UP = 1_000
@@ -106,3 +106,44 @@ async def settle(server: EventsServer) -> None:
 
     await wait_until(quiet, timeout=60, interval=0.2)
     await asyncio.sleep(6)  # hypercorn lets closed connections go after its keep-alive timeout
+
+
+async def test_a_burst_of_abandoned_requests_queues_no_broker_work() -> None:
+    """500 requests with 100 bindings each leave at once: no bind or unbind piles up
+    behind them, and a legitimate stream is ready as soon as ever."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            f"exchange/test/burst-{uuid.uuid4().hex[:6]}", aio_pika.ExchangeType.TOPIC
+        )
+        try:
+            with EventsServer.running() as server:
+                idle_tasks = server.stats()["tasks"]
+
+                async def abandon(n: int) -> None:
+                    bindings = [
+                        {"exchange": exchange.name, "routingKeyPattern": f"r{n}.k{i}.#"}
+                        for i in range(100)
+                    ]
+                    query = urllib.parse.urlencode({"bindings": bindings_param(bindings)})
+                    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                    writer.write(
+                        f"GET /events/v1/connect?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                    )
+                    await writer.drain()
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.transport.abort()
+
+                await asyncio.gather(*(abandon(n) for n in range(500)))
+                stats = server.stats()
+                print(f"\nright after the burst: {stats}")
+                assert stats["pending_broker_operations"] <= 100
+                keeper = [{"exchange": exchange.name, "routingKeyPattern": "legit.#"}]
+                async with SSEReader(server.url(keeper)) as legit:
+                    await legit.wait_for("ready", timeout=5)
+                await wait_until(lambda: server.stats()["pending_broker_operations"] == 0)
+                await wait_until(lambda: not server.broker_bindings(), timeout=20, interval=0.5)
+                await wait_until(lambda: server.stats()["tasks"] <= idle_tasks + 2, timeout=20)
+        finally:
+            await exchange.delete()

@@ -101,6 +101,7 @@ def test_server_with_unreachable_broker_says_so_in_one_line() -> None:
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr + result.stdout
 
 
+@pytest.mark.broker
 def test_server_with_wrong_password_says_login_refused() -> None:
     result = run_server("--port", str(free_port()), env={"PULSE_PASSWORD": "wrong"})
     assert result.returncode == 1

@@ -1,122 +1,66 @@
-"""The hub's bookkeeping, as pure logic: a recording binder stands in for the broker.
-
-What the broker itself ends up with is checked against RabbitMQ in test_stream.py.
-"""
+"""The hub's registry, readiness and fan-out, as pure logic: a recording binder stands
+in for the broker. What the broker itself ends up with is checked in test_connect.py."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-import pytest
+from binder import MISSING_EXCHANGE, RecordingBinder, settle
 
 from quart_events import sse
 from quart_events.bindings import Binding
-from quart_events.broker import BindFailed
-from quart_events.hub import TOO_SLOW, Hub, Stream
+from quart_events.hub import Hub
 from quart_events.settings import load_settings
-
-pytestmark = pytest.mark.asyncio
+from quart_events.shared_bindings import SharedBindings
+from quart_events.stream import Stream
 
 A = Binding("exchange/a", "x.#")
 B = Binding("exchange/a", "*.y")
-MISSING = Binding("exchange/missing", "#")
+ROUTE = Binding("exchange/a", "route.index.project.#")
+MISSING = Binding(MISSING_EXCHANGE, "#")
 
 
-class RecordingBinder:
-    """Records bind/unbind in order; each operation waits for ``release`` to finish."""
-
-    def __init__(self) -> None:
-        self.on_delivery: Any = None
-        self.on_connected: Any = None
-        self.generation = 1
-        self.calls: list[tuple[str, Binding]] = []
-        self.bound: set[Binding] = set()
-        self.release = asyncio.Event()
-        self.release.set()
-
-    async def bind(self, binding: Binding) -> int:
-        self.calls.append(("bind", binding))
-        await self.release.wait()
-        if binding.exchange == MISSING.exchange:
-            raise BindFailed(f"exchange `{binding.exchange}` does not exist")
-        self.bound.add(binding)
-        return self.generation
-
-    async def unbind(self, binding: Binding) -> None:
-        self.calls.append(("unbind", binding))
-        await self.release.wait()
-        self.bound.discard(binding)
-
-
-def make_hub(**server: Any) -> tuple[Hub, RecordingBinder]:
+def make_hub(wait_for_broker: float = 30, **server: Any) -> tuple[Hub, RecordingBinder]:
     binder = RecordingBinder()
     settings = load_settings("test", overrides={"server": server} if server else None)
-    return Hub(settings.server, binder), binder
+    shared = SharedBindings(binder)
+    hub = Hub(settings.server, shared, wait_for_broker)
+    shared.on_settled = hub.settled
+    shared.start()
+    return hub, binder
 
 
-async def frames(stream: Stream) -> bytes:
-    await asyncio.sleep(0.01)
+def frames(stream: Stream) -> bytes:
     return b"".join(stream.frames)
 
 
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+def message(key: str, cc: list[str], body: bytes = b'{"n": 1}') -> bytes:
+    return sse.message(body, "exchange/a", key, False, cc)[0]
 
 
-async def test_a_binding_shared_by_streams_is_bound_once_and_unbound_after_the_last() -> None:
+async def test_streams_sharing_a_binding_are_ready_when_it_is_bound() -> None:
     hub, binder = make_hub()
     first, second = hub.open([A, B]), hub.open([A])
+    assert frames(first) == b""  # not before the broker said so
     await settle()
     assert binder.calls == [("bind", A), ("bind", B)]
-    assert await frames(first) == sse.READY and await frames(second) == sse.READY
-    hub.close(first)
+    assert frames(first) == sse.READY and frames(second) == sse.READY
+    third = hub.open([A])  # in effect already: ready at once
+    assert frames(third) == sse.READY
+    for stream in (first, second, third):
+        hub.close(stream)
     await settle()
-    assert binder.calls[-1] == ("unbind", B) and binder.bound == {A}
-    hub.close(second)
-    await settle()
-    assert binder.bound == set() and hub.bound_bindings() == set()
+    assert binder.bound == set() and hub.stats()["bindings"] == 0
 
 
-async def test_duplicate_bindings_in_one_stream_count_once() -> None:
-    hub, binder = make_hub()
-    stream = hub.open([A, A, A])
-    await settle()
-    assert binder.calls == [("bind", A)] and stream.bindings == (A,)
-    hub.close(stream)
-    await settle()
-    assert binder.calls == [("bind", A), ("unbind", A)]
-
-
-async def test_leaving_before_ready_unbinds_after_the_bind_finishes() -> None:
-    hub, binder = make_hub()
-    binder.release.clear()
-    stream = hub.open([A])
-    await settle()
-    hub.close(stream)
-    again = hub.open([A])  # a new stream for the same binding while bind and unbind are pending
-    await settle()
-    binder.release.set()
-    await settle()
-    assert binder.calls == [("bind", A), ("unbind", A), ("bind", A)]
-    assert binder.bound == {A}
-    assert b"".join(again.frames) == sse.READY and b"".join(stream.frames) == b""
-
-
-async def test_a_failed_binding_fails_its_stream_only_and_is_retried_later() -> None:
-    hub, binder = make_hub()
+async def test_a_refused_binding_fails_its_stream_only() -> None:
+    hub, _ = make_hub()
     good, bad = hub.open([A]), hub.open([A, MISSING])
     await settle()
-    assert await frames(good) == sse.READY
-    assert await frames(bad) == sse.error("exchange `exchange/missing` does not exist")
-    assert bad.finished
-    hub.close(bad)
-    await settle()
-    assert ("unbind", MISSING) not in binder.calls  # never bound: nothing to undo
-    hub.open([MISSING])
-    await settle()
-    assert binder.calls.count(("bind", MISSING)) == 2
+    assert frames(good) == sse.READY
+    assert frames(bad) == sse.error(f"exchange `{MISSING_EXCHANGE}` does not exist")
+    assert bad.finished and not good.finished
 
 
 async def test_fan_out_frames_once_and_only_to_ready_matching_streams() -> None:
@@ -131,49 +75,105 @@ async def test_fan_out_frames_once_and_only_to_ready_matching_streams() -> None:
     hub.deliver("exchange/a", "x.y", False, b'{"n": 1}', {"CC": [b"route.r1"]})
     hub.deliver("exchange/a", "q.z", False, b"{}", None)  # matches nobody
     hub.deliver("exchange/other", "x.y", False, b"{}", None)
-    expected = sse.message({"n": 1}, "exchange/a", "x.y", False, ["r1"])
-    assert list(both.frames) == [expected] and list(only_b.frames) == [expected]
+    expected = message("x.y", ["route.r1"])
+    assert both.frames == [expected] and only_b.frames == [expected]
     assert both.frames[0] is only_b.frames[0]  # framed once, shared
     assert not late.frames
     binder.release.set()
 
 
-async def test_a_slow_stream_is_ended_with_an_error_and_its_buffer_dropped() -> None:
-    hub, _ = make_hub(buffer_messages=5, buffer_bytes=10_000)
-    slow, other = hub.open([A]), hub.open([A])
+async def test_a_route_binding_matches_the_cc_keys_once_with_the_primary_routing_key() -> None:
+    hub, _ = make_hub()
+    routes, primary = hub.open([ROUTE, A]), hub.open([A])
     await settle()
-    other.frames.clear()
-    for _ in range(6):
-        hub.deliver("exchange/a", "x", False, b"1", None)
-        if other.frames:
-            other.frames.clear()
-    assert slow.finished and list(slow.frames) == [sse.error(TOO_SLOW)]
-    assert not other.finished
+    routes.frames.clear()
+    primary.frames.clear()
+    cc = ["route.index.project.foo.bar", "route.index.project.baz", "route.notify.x"]
+    hub.deliver("exchange/a", "primary.task", False, b'{"n": 1}', {"CC": cc})
+    hub.deliver("exchange/a", "x.both", False, b'{"n": 2}', {"CC": cc})  # by key and by CC
+    assert routes.frames == [message("primary.task", cc), message("x.both", cc, b'{"n": 2}')]
+    assert primary.frames == [message("x.both", cc, b'{"n": 2}')]
 
 
-async def test_frames_waiting_are_taken_as_one_write_and_the_writer_is_told() -> None:
-    told: list[str] = []
-    stream = Stream(
-        [],
-        100,
-        100_000,
-        on_frames=lambda: told.append("frames"),
-        on_abort=lambda: told.append("abort"),
+async def test_a_stream_opened_during_an_outage_is_ready_only_once_bound_again() -> None:
+    hub, binder = make_hub()
+    early = hub.open([A])
+    await settle()
+    binder.lose()
+    during = hub.open([A])  # A is bound, but on a connection that is gone
+    await settle()
+    assert frames(during) == b""
+    binder.reconnect()
+    hub.reconnected()
+    await settle()
+    assert frames(during) == sse.READY
+    assert frames(early) == sse.READY + sse.READY  # and the earlier one hears it is back
+
+
+async def test_a_new_stream_waits_for_the_broker_so_long_then_is_told() -> None:
+    hub, binder = make_hub(wait_for_broker=0.05)
+    binder.lose()
+    stream = hub.open([A])
+    await asyncio.sleep(0.2)
+    assert frames(stream) == sse.error(
+        "could not bind to exchange `exchange/a`: "
+        "the message broker is unavailable, try again later"
     )
-    stream.push(b"a")
-    stream.push(b"b")
-    assert stream.take() == b"ab" and stream.take() == b""
-    stream.finish(b"z")
-    assert stream.finished and stream.take() == b"z"
-    assert told == ["frames", "frames", "frames"]
-    stream.abort()
-    assert told[-1] == "abort"
+    assert stream.finished
+
+
+async def test_a_reconnect_sends_ready_again_or_the_error_of_an_exchange_now_gone() -> None:
+    hub, binder = make_hub()
+    gone = Binding("exchange/gone", "#")
+    healthy, failing, empty = hub.open([A]), hub.open([A, gone]), hub.open([])
+    await settle()
+    for stream in (healthy, failing, empty):
+        stream.frames.clear()
+    binder.reconnect()
+    binder.missing.add(gone.exchange)
+    hub.reconnected()
+    await settle()
+    assert healthy.frames == [sse.READY] and empty.frames == [sse.READY]
+    assert failing.frames == [sse.error("exchange `exchange/gone` does not exist")]
+    assert failing.finished and not healthy.finished
+    hub.reconnected()  # the same connection again: nothing more to say
+    await settle()
+    assert healthy.frames == [sse.READY]
+
+
+async def test_a_second_loss_during_the_restore_keeps_the_streams_and_restores_later() -> None:
+    hub, binder = make_hub(wait_for_broker=0.05)
+    stream = hub.open([A, B])
+    await settle()
+    stream.frames.clear()
+    binder.reconnect()
+    binder.release.clear()
+    hub.reconnected()
+    await settle()
+    binder.lose()  # gone again while binding
+    binder.release.set()
+    await asyncio.sleep(0.2)  # longer than wait_for_broker: a ready stream is not given up
+    assert stream.frames == [] and not stream.finished
+    binder.reconnect()
+    hub.reconnected()
+    await settle()
+    assert stream.frames == [sse.READY] and binder.bound == {A, B}
+
+
+async def test_stuck_streams_are_dropped_and_the_others_pinged() -> None:
+    hub, _ = make_hub(write_timeout=0.05)
+    stuck, fine = hub.open([]), hub.open([])
+    fine.take()
+    await asyncio.sleep(0.1)
+    hub.drop_stuck_streams()
+    hub.ping_streams()
+    assert stuck.finished and stuck not in hub.streams and hub.stats()["stuck"] == 1
+    assert fine.frames[0].startswith(b"event: ping\n")
 
 
 async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:
     hub, _ = make_hub(retry_min_ms=100, retry_max_ms=200)
     streams = [hub.open([]) for _ in range(20)]
-    await settle()
     hub.begin_shutdown()
     retries = set()
     for stream in streams:
@@ -181,32 +181,4 @@ async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:
         assert last.startswith(b"id:\nretry: ") and stream.finished
         retries.add(int(last.split(b"retry: ")[1]))
     assert all(100 <= r <= 200 for r in retries) and len(retries) > 1
-
-
-async def test_restore_binds_again_and_sends_ready_again_or_an_error() -> None:
-    hub, binder = make_hub()
-    gone = Binding("exchange/gone", "#")
-    healthy, failing = hub.open([A]), hub.open([A, gone])
-    await settle()
-    assert await frames(healthy) == sse.READY and await frames(failing) == sse.READY
-    healthy.frames.clear()
-    failing.frames.clear()
-    # The broker came back as connection 2, and exchange/gone no longer exists.
-    binder.generation = 2
-    binder.bound.clear()
-    original_bind = binder.bind
-
-    async def bind(binding: Binding) -> int:
-        if binding == gone:
-            raise BindFailed(f"exchange `{binding.exchange}` does not exist")
-        return await original_bind(binding)
-
-    binder.bind = bind  # type: ignore[method-assign]
-    await hub.restore()
-    assert binder.bound == {A}
-    assert list(healthy.frames) == [sse.READY]
-    assert list(failing.frames) == [sse.error("exchange `exchange/gone` does not exist")]
-    assert failing.finished and not healthy.finished
-    # A stream that joined on the current connection gets no second ready.
-    await hub.restore()
-    assert list(healthy.frames) == [sse.READY]
+    assert hub.shutting_down

@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 
 from quart_events.cli import main
 
+pytestmark = pytest.mark.broker
+
+
 LEAKS = ("Traceback", "guest", "localhost", "127.0.0.1", "aiormq", "quart_events", 'File "')
 
 
@@ -111,6 +114,7 @@ bindings_values = st.one_of(
 def test_the_endpoint_answers_anything_cleanly(
     server: EventsServer, raw: str, extra: dict[str, str]
 ) -> None:
+
     query = urllib.parse.urlencode({**extra, "bindings": raw})
     with (
         httpx.Client(timeout=10) as client,

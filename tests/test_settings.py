@@ -26,7 +26,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_built_in_defaults_reach_the_local_broker() -> None:
     settings = load_settings()
-    assert (settings.pulse.hostname, settings.pulse.port, settings.pulse.vhost) == (
+    assert (settings.pulse.hostname, settings.pulse.amqp_port, settings.pulse.vhost) == (
         "localhost",
         5672,
         "/",

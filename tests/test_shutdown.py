@@ -14,26 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
 import time
 
 import aio_pika
 import pytest
 from browser import Browser
-from helpers import EventsServer, free_port
+from helpers import EventsServer, free_port, queues_of
 
-
-def queues_of(namespace: str) -> list[str]:
-    out = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60
-    ).stdout
-    return [line for line in out.split() if line.startswith(f"queue/{namespace}/")]
+pytestmark = [pytest.mark.broker, pytest.mark.browser]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_shutdown_sends_clients_to_the_next_server(
     exchange: aio_pika.abc.AbstractExchange, sig: signal.Signals
 ) -> None:
+
     port = free_port()
     env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "1500", "TC_EVENTS_SERVER__RETRY_MAX_MS": "2500"}
     first = EventsServer.start(env, port=port)

@@ -16,9 +16,10 @@ import aio_pika
 import pytest
 from helpers import EventsServer, SSEReader, bindings_param, wait_until
 
-from quart_events.hub import TOO_SLOW
+from quart_events.errors import TOO_SLOW
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
 
 MESSAGE = json.dumps({"pad": "x" * 10_000}).encode()  # about 10 KiB
 MESSAGES = 5_000  # about 50 MB in all
@@ -93,6 +94,7 @@ def sse_error_tail() -> bytes:
 async def test_a_client_that_stops_reading_for_good_is_dropped(
     exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
+
     with EventsServer.running({"TC_EVENTS_SERVER__WRITE_TIMEOUT": "2"}) as server:
         warm_up_binding = [{"exchange": exchange.name, "routingKeyPattern": "warm.up"}]
         async with SSEReader(server.url(warm_up_binding)) as warm_up:  # makes the bind channel

@@ -87,7 +87,8 @@ def random_words(rng: random.Random, alphabet: list[str], low: int, high: int) -
     return ".".join(rng.choice(alphabet) for _ in range(rng.randint(low, high)))
 
 
-@pytest.mark.asyncio
+@pytest.mark.broker
+@pytest.mark.slow
 async def test_trie_equals_rabbitmq_on_random_keys_and_patterns() -> None:
     rng = random.Random(20261127)
     patterns = sorted(

@@ -15,7 +15,10 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+import pytest
 from helpers import EventsServer, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.netns]
 
 CLIENT = r"""
 import socket, sys, time

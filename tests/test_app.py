@@ -11,12 +11,13 @@ import pytest
 
 from quart_events import create_app, load_settings
 
-pytestmark = pytest.mark.asyncio
+pytestmark = pytest.mark.broker
 
 
 async def test_ready_then_message_through_the_test_client(
     exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
+
     settings = load_settings(
         "test", overrides={"pulse": {"namespace": f"test-{uuid.uuid4().hex[:8]}"}}
     )

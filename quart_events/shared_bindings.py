@@ -1,0 +1,185 @@
+"""The bindings this process holds on the broker, shared by the streams that use them.
+
+Each distinct binding is bound once, however many streams use it, and unbound
+when its last stream leaves. The broker is not told every change: one worker
+brings the broker in line with what the streams want, one binding at a time,
+in the order the bindings changed. So the work waiting is never more than one
+step per distinct binding, a binding whose streams all left before its bind ran
+is never sent to the broker, and a bind and the unbind that follows it cannot
+overtake each other.
+
+A binding is *in effect* when it is bound on the current connection. After a
+reconnect nothing is: the worker binds everything again, and a restore that a
+further loss interrupts is simply carried on after the next connect. The
+worker never waits for a connection itself: it stops when there is none and
+starts again on ``connected``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from .bindings import Binding
+from .errors import BindFailed, NotConnected
+
+log = logging.getLogger(__name__)
+RETRY_PAUSE = 0.05  # after a bind interrupted while the connection stayed up
+
+
+class Binder(Protocol):
+    """What the worker needs of the broker connection."""
+
+    generation: int  # counts connections: a binding made on an earlier one is gone
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    async def bind(self, binding: Binding, generation: int) -> None:
+        """Bind on connection ``generation``; ``NotConnected`` when it is not the current one
+        (or was lost meanwhile), ``BindFailed`` when the broker refuses."""
+
+    async def unbind(self, binding: Binding, generation: int) -> None:
+        """Unbind on connection ``generation`` if it is still the current one; never raises."""
+
+
+class SharedBinding:
+    """One binding's life on the broker."""
+
+    __slots__ = ("binding", "failure", "generation", "refs")
+
+    def __init__(self, binding: Binding) -> None:
+        self.binding = binding
+        self.refs = 0  # streams that use it
+        self.generation = 0  # the connection it is bound on; 0: not bound
+        self.failure: BaseException | None = None  # why the broker refused it
+
+
+class SharedBindings:
+    """Reference-counted bindings, reconciled with the broker by one worker."""
+
+    def __init__(self, binder: Binder) -> None:
+        self.binder = binder
+        self.on_settled: Callable[[SharedBinding], None] = lambda _: None
+        self._shares: dict[Binding, SharedBinding] = {}
+        self._dirty: dict[Binding, None] = {}  # an ordered set: changed since last reconciled
+        self._busy: SharedBinding | None = None  # the one the worker is on
+        self._wake = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._shares)
+
+    @property
+    def pending(self) -> int:
+        """Bindings waiting for the broker (bind or unbind)."""
+        return len(self._dirty) + (self._busy is not None)
+
+    def bindings(self) -> set[Binding]:
+        """Bindings held on the broker or about to be."""
+        return set(self._shares)
+
+    def in_effect(self, share: SharedBinding) -> bool:
+        return (
+            share.failure is None
+            and share.generation == self.binder.generation
+            and share.generation != 0
+            and self.binder.is_connected
+        )
+
+    # -- what the streams want --------------------------------------------------------
+
+    def acquire(self, binding: Binding) -> SharedBinding:
+        share = self._shares.get(binding)
+        if share is None:
+            share = self._shares[binding] = SharedBinding(binding)
+        share.refs += 1
+        if share.failure is not None:
+            share.failure = None  # refused before: the exchange may exist by now
+        if not self.in_effect(share):
+            self._mark(binding)
+        return share
+
+    def release(self, share: SharedBinding) -> None:
+        share.refs -= 1
+        if share.refs:
+            return
+        if share is not self._busy and not self.in_effect(share):
+            # Never bound on this connection: nothing to undo on the broker.
+            self._dirty.pop(share.binding, None)
+            del self._shares[share.binding]
+        else:
+            self._mark(share.binding)
+
+    def connected(self) -> None:
+        """A new connection: nothing is bound on it yet; bind again what is wanted."""
+        for binding, share in self._shares.items():
+            if share.refs and share.failure is None:
+                self._dirty[binding] = None
+        self._wake.set()
+
+    def _mark(self, binding: Binding) -> None:
+        self._dirty[binding] = None
+        self._wake.set()
+
+    # -- the worker ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker = asyncio.ensure_future(self._work())
+
+    async def stop(self) -> None:
+        """Stop reconciling (the queue and its bindings go with the connection)."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._dirty and self.binder.is_connected:
+                binding = next(iter(self._dirty))
+                del self._dirty[binding]
+                share = self._shares.get(binding)
+                if share is None:
+                    continue
+                self._busy = share
+                try:
+                    await self._reconcile(share)
+                except Exception:  # never let the worker die; the binding is tried again
+                    log.exception("reconciling %s failed", binding)
+                    self._dirty[binding] = None
+                    await asyncio.sleep(RETRY_PAUSE)
+                finally:
+                    self._busy = None
+
+    async def _reconcile(self, share: SharedBinding) -> None:
+        binder, binding = self.binder, share.binding
+        generation = binder.generation
+        if share.refs:
+            if share.failure is None and not self.in_effect(share):
+                try:
+                    await binder.bind(binding, generation)
+                except NotConnected:
+                    self._dirty[binding] = None  # on the next connection, or again on this one
+                    if binder.is_connected:
+                        await asyncio.sleep(RETRY_PAUSE)
+                    return
+                except BindFailed as error:
+                    share.failure = error
+                else:
+                    share.generation = generation
+            self.on_settled(share)
+            return
+        if self.in_effect(share):
+            share.generation = 0  # not in effect while it is being unbound
+            await binder.unbind(binding, generation)
+        if share.refs:  # wanted again meanwhile: bind it again, in order
+            self._dirty[binding] = None
+        else:
+            del self._shares[binding]

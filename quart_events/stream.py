@@ -1,0 +1,122 @@
+"""One client's stream: its bindings and the bounded buffer of frames not yet written.
+
+The hub puts frames in; whoever writes the response takes them out. The buffer
+is bounded in frames and bytes so a slow client cannot grow the server: past
+the bound the stream ends with an ``error`` that says why. A single frame larger
+than the byte bound still goes out when nothing else is waiting (a large message
+is not the client's slowness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from . import sse
+from .bindings import Binding
+from .errors import TOO_SLOW
+
+if TYPE_CHECKING:
+    from .shared_bindings import SharedBinding
+
+
+def no_op() -> None:
+    return None
+
+
+class Stream:
+    """Bindings, buffered frames, and where the stream stands with the broker.
+
+    Whoever writes it to the client sets ``on_frames`` (called when frames are
+    waiting or the stream finished) and ``on_abort`` (called when the client takes
+    nothing any more). Slotted and lean: a server holds thousands.
+    """
+
+    __slots__ = (
+        "bindings",
+        "buffered_bytes",
+        "deadline",
+        "finished",
+        "frames",
+        "generation",
+        "joined",
+        "max_bytes",
+        "max_frames",
+        "on_abort",
+        "on_frames",
+        "pending_since",
+        "shares",
+        "waiting_for",
+    )
+
+    def __init__(
+        self,
+        bindings: Iterable[Binding],
+        max_frames: int,
+        max_bytes: int,
+        on_frames: Callable[[], None] = no_op,
+        on_abort: Callable[[], None] = no_op,
+    ) -> None:
+        self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.on_frames = on_frames
+        self.on_abort = on_abort
+        self.frames: list[bytes] = []
+        self.buffered_bytes = 0
+        self.finished = False
+        self.joined = False  # in the topic tries: gets messages
+        self.generation = 0  # the broker connection its last `ready` was for
+        self.pending_since = 0.0  # when the oldest unwritten frame was queued
+        self.shares: list[SharedBinding] = []  # its share of the broker's bindings
+        self.waiting_for = 0  # shares not yet in effect on the current connection
+        self.deadline: asyncio.TimerHandle | None = None  # while a new stream waits for the broker
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
+        if self.finished:
+            return True
+        frames = self.frames
+        if frames and (
+            len(frames) >= self.max_frames or self.buffered_bytes + len(frame) > self.max_bytes
+        ):
+            # Drop what the client did not read: memory stays bounded, the client is told why.
+            frames.clear()
+            self.buffered_bytes = 0
+            self.finish(sse.error(TOO_SLOW))
+            return False
+        if not frames:
+            self.pending_since = time.monotonic()
+        frames.append(frame)
+        self.buffered_bytes += len(frame)
+        self.on_frames()
+        return True
+
+    def finish(self, last_frame: bytes | None = None) -> None:
+        """End the stream after what is buffered, and ``last_frame``."""
+        if self.finished:
+            return
+        if last_frame is not None:
+            if not self.frames:
+                self.pending_since = time.monotonic()
+            self.frames.append(last_frame)
+            self.buffered_bytes += len(last_frame)
+        self.finished = True
+        self.on_frames()
+
+    def abort(self) -> None:
+        """Stop writing to a client that does not take what is written (gone or stuck)."""
+        self.frames.clear()
+        self.buffered_bytes = 0
+        self.finished = True
+        self.on_abort()
+
+    def take(self) -> bytes:
+        """Every frame waiting, as one write (empty when there is none)."""
+        frames = self.frames
+        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        frames.clear()
+        self.buffered_bytes = 0
+        return chunk

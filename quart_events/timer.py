@@ -1,0 +1,23 @@
+"""A fixed-rate timer for periodic work (pings, the stuck-stream sweep)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+async def every(interval: float, action: Callable[[], None]) -> None:
+    """Call ``action`` every ``interval`` seconds, on a fixed schedule.
+
+    The time ``action`` takes does not push later ticks back; ticks missed while the
+    event loop stalled (or the machine paused) are skipped, not made up in a burst.
+    """
+    loop = asyncio.get_running_loop()
+    tick = loop.time()
+    while True:
+        tick += interval
+        now = loop.time()
+        if tick < now:  # behind: go on from the next tick still ahead
+            tick += (int((now - tick) / interval) + 1) * interval
+        await asyncio.sleep(tick - now)
+        action()

@@ -1,0 +1,250 @@
+"""The broker connection and its faults: a cut connection (through a TCP proxy), a
+second cut during the restore, cuts while connecting, a broker restart, a broker
+that is down at start, credentials rotated while the server runs, and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiormq
+import pytest
+from helpers import (
+    EventsServer,
+    SSEReader,
+    arabbitmqctl,
+    declare_exchange,
+    delete_exchange,
+    publish,
+    wait_until,
+)
+from tcp_proxy import TcpProxy
+
+from quart_events.broker import Broker
+from quart_events.settings import load_settings
+
+pytestmark = pytest.mark.broker
+
+
+def binding(exchange: str) -> list[dict[str, str]]:
+    return [{"exchange": exchange, "routingKeyPattern": "#"}]
+
+
+@pytest.fixture
+async def durable_exchange() -> Iterator[str]:
+    name = f"exchange/test/faults-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(name)
+    try:
+        yield name
+    finally:
+        await delete_exchange(name)
+
+
+async def test_a_second_loss_during_the_restore_keeps_every_stream(durable_exchange: str) -> None:
+    exchange = durable_exchange
+    env = {"TC_EVENTS_PULSE__WAIT_FOR_BROKER": "3"}
+    with TcpProxy.running() as proxy:
+        env["PULSE_PORT"] = str(proxy.port)
+        with EventsServer.running(env) as server:
+            many = [{"exchange": exchange, "routingKeyPattern": f"k{n}.#"} for n in range(20)]
+            async with SSEReader(server.url(many)) as reader:
+                await reader.wait_for("ready")
+                # The next connection goes silent at its first rebind; then it is cut too.
+                proxy.hold_on(exchange.encode())
+                proxy.cut()
+                proxy.restore()
+                assert await asyncio.to_thread(proxy.held.wait, 20), "no rebind was sent"
+                proxy.cut()
+                await asyncio.sleep(4)  # longer than wait_for_broker
+                proxy.restore()
+                await reader.wait_for("ready", 2, timeout=20)
+                await publish(exchange, "k7.x", b'{"after": "two cuts"}')
+                (message,) = await reader.wait_for("message")
+                assert json.loads(message.data)["payload"] == {"after": "two cuts"}
+                assert not reader.named("error") and not reader.ended.is_set()
+            await wait_until(lambda: server.stats()["bindings"] == 0)
+
+
+async def test_cuts_while_connecting_never_stop_the_reconnects(durable_exchange: str) -> None:
+    with TcpProxy.running() as proxy:
+        with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
+            async with SSEReader(server.url(binding(durable_exchange))) as reader:
+                await reader.wait_for("ready")
+                for _ in range(3):  # cut while the queue is being declared, again and again
+                    proxy.hold_on(f"queue/{server.namespace}/events/".encode())
+                    proxy.cut()
+                    proxy.restore()
+                    assert await asyncio.to_thread(proxy.held.wait, 20)
+                    proxy.cut()
+                    proxy.restore()
+                await reader.wait_for("ready", 2, timeout=20)
+                await publish(durable_exchange, "k", b"1")
+                await reader.wait_for("message")
+            assert server.stats()["broker_connected"] is True
+
+
+async def test_a_stream_opened_during_an_outage_is_ready_only_once_bound_again(
+    durable_exchange: str,
+) -> None:
+    with TcpProxy.running() as proxy:
+        with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
+            async with SSEReader(server.url(binding(durable_exchange))) as first:
+                await first.wait_for("ready")
+                proxy.cut()
+                await wait_until(lambda: not server.stats()["broker_connected"])
+                async with SSEReader(server.url(binding(durable_exchange))) as during:
+                    await during.wait_for("ping", 2)  # open, and pinged ...
+                    assert not during.named("ready")  # ... but not ready: nothing is bound
+                    proxy.restore()
+                    await during.wait_for("ready", timeout=20)
+                    await publish(durable_exchange, "after", b"2")
+                    (message,) = await during.wait_for("message")
+                    assert json.loads(message.data)["payload"] == 2
+
+
+async def test_a_cut_connection_keeps_streams_and_restores_bindings() -> None:
+    kept, gone = (f"exchange/test/cut-{name}-{uuid.uuid4().hex[:6]}" for name in ("kept", "gone"))
+    await declare_exchange(kept)
+    await declare_exchange(gone)
+    try:
+        with (
+            TcpProxy.running() as proxy,
+            EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server,
+        ):
+            async with (
+                SSEReader(server.url(binding(kept))) as alive,
+                SSEReader(server.url(binding(gone))) as doomed,
+            ):
+                await alive.wait_for("ready")
+                await doomed.wait_for("ready")
+                proxy.cut()
+                await delete_exchange(gone)  # the exchange disappears while the server is away
+                pings = len(alive.named("ping"))
+                await alive.wait_for("ping", pings + 2, timeout=10)  # pings go on meanwhile
+                assert not alive.ended.is_set()
+                proxy.restore()
+                await alive.wait_for("ready", 2, timeout=20)
+                await doomed.wait_ended(timeout=20)
+                assert [e.event for e in doomed.events if e.event != "ping"] == ["ready", "error"]
+                assert json.loads(doomed.events[-1].data) == f"exchange `{gone}` does not exist"
+                await publish(kept, "after.reconnect", b'{"ok": true}')
+                (message,) = await alive.wait_for("message")
+                assert json.loads(message.data)["payload"] == {"ok": True}
+            await wait_until(lambda: server.stats()["bindings"] == 0, timeout=10)
+            assert server.stats()["broker_connected"] is True
+    finally:
+        await delete_exchange(kept)
+
+
+@pytest.mark.slow
+async def test_a_broker_restart_keeps_streams() -> None:
+    durable = f"exchange/test/restart-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(durable, durable=True)
+    try:
+        with EventsServer.running() as server:
+            async with SSEReader(server.url(binding(durable))) as reader:
+                await reader.wait_for("ready")
+                try:
+                    await arabbitmqctl("stop_app")
+                    pings = len(reader.named("ping"))
+                    await reader.wait_for("ping", pings + 2, timeout=10)
+                finally:
+                    await arabbitmqctl("start_app")
+                await reader.wait_for("ready", 2, timeout=60)
+                await publish(durable, "after.restart", b"1")
+                (message,) = await reader.wait_for("message", timeout=10)
+                assert json.loads(message.data)["routingKey"] == "after.restart"
+            await wait_until(lambda: not server.broker_bindings(), timeout=20, interval=0.5)
+    finally:
+        await arabbitmqctl("start_app")  # idempotent: the broker is up for whatever follows
+        await delete_exchange(durable)
+
+
+async def test_the_server_starts_while_the_broker_is_down() -> None:
+    exchange = f"exchange/test/late-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(exchange)
+    env = {"TC_EVENTS_PULSE__START_WITHOUT_BROKER": "true", "TC_EVENTS_PULSE__WAIT_FOR_BROKER": "2"}
+    try:
+        with TcpProxy.running(listening=False) as proxy:
+            env["PULSE_PORT"] = str(proxy.port)
+            with EventsServer.running(env) as server:
+                assert server.stats()["broker_connected"] is False
+                async with SSEReader(server.url(binding(exchange))) as early:
+                    await early.wait_ended(timeout=15)
+                (error,) = early.named("error")
+                assert "the message broker is unavailable" in json.loads(error.data)
+                async with SSEReader(server.url([])) as empty:
+                    await empty.wait_for("ready")  # no bindings: nothing to wait for
+                proxy.restore()
+                async with SSEReader(server.url(binding(exchange))) as later:
+                    await later.wait_for("ready", timeout=20)
+                    await publish(exchange, "k", b"2")
+                    await later.wait_for("message")
+    finally:
+        await delete_exchange(exchange)
+
+
+async def test_credentials_are_read_again_on_reconnect(tmp_path: Path) -> None:
+    user, first, second = f"test-{uuid.uuid4().hex[:6]}", "first-pw", "second-pw"
+    exchange = f"exchange/test/creds-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(exchange)
+
+    def write_config(password: str, port: int) -> None:
+        config.write_text(
+            f"test:\n  pulse:\n    username: {user}\n    password: {password}\n    port: {port}\n"
+        )
+
+    config = tmp_path / "user-config.yml"
+    await arabbitmqctl("add_user", user, first)
+    try:
+        await arabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+        with TcpProxy.running() as proxy:
+            write_config(first, proxy.port)
+            with EventsServer.running(args=["--config", str(config)]) as server:
+                async with SSEReader(server.url(binding(exchange))) as reader:
+                    await reader.wait_for("ready")
+                    await arabbitmqctl("change_password", user, second)
+                    write_config(second, proxy.port)
+                    proxy.cut()
+                    proxy.restore()
+                    await reader.wait_for("ready", 2, timeout=20)
+                    await publish(exchange, "k", b"3")
+                    await reader.wait_for("message")
+                assert "second-pw" not in server.output() and "first-pw" not in server.output()
+    finally:
+        await arabbitmqctl("delete_user", user)
+        await delete_exchange(exchange)
+
+
+async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pure logic of the reconnect loop: the attempts themselves are stand-ins."""
+    settings = load_settings("test", overrides={"pulse": {"reconnect_min_delay": 0.01}})
+    broker = Broker(settings.pulse)
+    failures: list[BaseException] = [
+        RuntimeError("closed between connect and consume"),
+        aiormq.exceptions.ChannelInvalidStateError("channel closed"),
+        ValueError("from the AMQP library"),
+    ]
+    connected: list[int] = []
+
+    async def attempt() -> None:
+        if failures:
+            raise failures.pop(0)
+        broker.generation += 1
+        broker._connected.set()
+
+    broker._connect = attempt  # type: ignore[method-assign]
+    broker.on_connected = lambda: connected.append(broker.generation)
+    await broker.start(connect_in_background=True)
+    try:
+        await wait_until(lambda: connected == [1], timeout=5)
+        assert len([r for r in caplog.records if "retrying in" in r.getMessage()]) == 3
+    finally:
+        await broker.close()

@@ -45,6 +45,14 @@ DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], Non
 TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
 
+def _raise_if_cancelled() -> None:
+    """aiormq may swallow the cancellation of an RPC (or turn it into a channel error):
+    a cancelled caller must still stop."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def describe_connect_error(settings: PulseSettings, error: BaseException) -> str:
     """One line for an operator: where, and why, without the password."""
     where = f"RabbitMQ at {settings.hostname}:{settings.amqp_port}"
@@ -278,8 +286,10 @@ class Broker:
         except aiormq.exceptions.ChannelAccessRefused:
             raise BindFailed.refused(binding.exchange) from None
         except TRANSIENT as error:
+            _raise_if_cancelled()
             log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
             raise NotConnected("the bind was interrupted") from error
+        _raise_if_cancelled()
         if self.generation != generation or not self._connected.is_set():
             raise NotConnected("the connection was lost during the bind")
 
@@ -296,3 +306,4 @@ class Broker:
             )
         except (*TRANSIENT, NotConnected) as error:
             log.info("unbind from %s not done: %r", binding.exchange, error)
+        _raise_if_cancelled()

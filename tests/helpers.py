@@ -148,6 +148,17 @@ class EventsServer:
         return broker_bindings(f"queue/{self.namespace}/events/")
 
 
+def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quart_events", "server", "--profile", "test", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
 # -- the broker, as a test sees it ---------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from helpers import (
     declare_exchange,
     delete_exchange,
     publish,
+    run_server,
     wait_until,
 )
 from tcp_proxy import TcpProxy
@@ -248,3 +249,105 @@ async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
         assert len([r for r in caplog.records if "retrying in" in r.getMessage()]) == 3
     finally:
         await broker.close()
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a certificate for localhost signed by it: (ca, cert, key)."""
+    where = tmp_path_factory.mktemp("tls")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True)
+
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (where / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    )
+    return where / "ca.pem", where / "server.pem", where / "server.key"
+
+
+async def test_pulse_amqps_connects_with_tls(
+    certificates: tuple[Path, Path, Path], durable_exchange: str
+) -> None:
+    ca, cert, key = certificates
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with TcpProxy.running(ssl=context) as tls_front:  # TLS to the server, plain to RabbitMQ
+        env = {
+            "PULSE_AMQPS": "true",
+            "PULSE_PORT": str(tls_front.port),
+            "TC_EVENTS_PULSE__TLS_CA_FILE": str(ca),
+        }
+        with EventsServer.running(env) as server:
+            async with SSEReader(server.url(binding(durable_exchange))) as reader:
+                await reader.wait_for("ready")
+                await publish(durable_exchange, "over.tls", b'{"tls": true}')
+                (message,) = await reader.wait_for("message")
+            assert json.loads(message.data)["payload"] == {"tls": True}
+        assert tls_front.received.startswith(b"AMQP")  # what came out of the TLS tunnel
+
+
+async def test_pulse_amqps_never_falls_back_to_plain_text() -> None:
+    with TcpProxy.running() as plain:  # something listens, but speaks no TLS
+        env = {"PULSE_AMQPS": "true", "PULSE_PORT": str(plain.port), "PULSE_PASSWORD": "s3cret-pw"}
+        result = await asyncio.to_thread(run_server, env=env)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"tc-events: cannot reach RabbitMQ at localhost:{plain.port}: ")
+    )
+    assert not plain.received.startswith(b"AMQP") and b"s3cret" not in plain.received
+    assert plain.received.startswith(b"\x16\x03")  # a TLS handshake, nothing else
+
+
+def test_pulse_amqps_defaults_to_the_amqps_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PULSE_AMQPS", "true")
+    assert load_settings("test").pulse.amqp_port == 5671
+    assert load_settings("test").pulse.tls is True
+    monkeypatch.setenv("PULSE_PORT", "5999")
+    assert load_settings("test").pulse.amqp_port == 5999
+    monkeypatch.setenv("PULSE_AMQPS", "false")
+    monkeypatch.delenv("PULSE_PORT")
+    assert load_settings("test").pulse.amqp_port == 5672

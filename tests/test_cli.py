@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import ROOT, free_port
+from helpers import free_port, run_server
 
 from quart_events.bindings import NOT_ARRAY
 from quart_events.cli import main
@@ -73,19 +73,6 @@ def test_missing_config_file_is_one_clear_line(runner: CliRunner) -> None:
     assert "config file /nonexistent.yml does not exist" in result.stderr
 
 
-def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "quart_events", "server", "--profile", "test", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_server_with_unreachable_broker_says_so_in_one_line() -> None:
     closed_port = free_port()
     result = run_server(
@@ -123,3 +110,13 @@ def test_python_m_and_console_script_agree() -> None:
         [sys.executable, "-m", "quart_events", "--help"], capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0 and "Usage: tc-events" in result.stdout
+
+
+@pytest.mark.parametrize("hostname", ["a:1,b:2", "rabbit:", "amqp://rabbit", "rabbit 2"])
+def test_server_with_an_invalid_broker_host_names_the_setting(hostname: str) -> None:
+    result = run_server(env={"PULSE_HOSTNAME": hostname})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("Error: settings: environment variable PULSE_HOSTNAME: pulse.hostname:")
+    assert "one host name or IP address" in line

@@ -37,9 +37,6 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-# Over the stream limit an EventSource is asked to come back after this long (ms),
-# jittered so refused clients spread out; other clients get 503 and Retry-After (s).
-FULL_RETRY_MS = (5_000, 30_000)
 
 
 class ConnectEndpoint:
@@ -129,11 +126,13 @@ class ConnectEndpoint:
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool) -> None:
         """Over the stream limit. An EventSource stops for good on a 503, so it gets a
-        stream that ends at once and asks it to come back later; others get the 503."""
+        stream that ends at once and asks it to come back later, as on shutdown; other
+        clients get the 503. Either way the delay is jittered within the retry window."""
         if event_source:
-            await self._stream_of(send, sse.goodbye(random.randint(*FULL_RETRY_MS)))
+            await self._stream_of(send, self.hub.goodbye())
             return
-        retry_after = str(random.randint(*FULL_RETRY_MS) // 1000).encode()
+        low, high = self.settings.retry_min_ms, self.settings.retry_max_ms
+        retry_after = str(max(1, -(-random.randint(low, high) // 1000))).encode()
         await self._plain(
             send,
             503,

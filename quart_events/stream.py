@@ -2,9 +2,10 @@
 
 The hub puts frames in; whoever writes the response takes them out. The buffer
 is bounded in frames and bytes so a slow client cannot grow the server: past
-the bound the stream ends with an ``error`` that says why. A single frame larger
-than the byte bound still goes out when nothing else is waiting (a large message
-is not the client's slowness).
+the bound the stream ends with an ``error`` that says why. The byte bound leaves
+out the largest frame waiting, so one message larger than the whole buffer
+reaches a client that keeps up (a large message is not the client's slowness):
+a stream holds at most ``max_bytes`` plus one frame.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Stream:
         "frames",
         "generation",
         "joined",
+        "largest",
         "max_bytes",
         "max_frames",
         "on_abort",
@@ -66,6 +68,7 @@ class Stream:
         self.on_abort = on_abort
         self.frames: list[bytes] = []
         self.buffered_bytes = 0
+        self.largest = 0  # the largest frame waiting: not counted against max_bytes
         self.finished = False
         self.joined = False  # in the topic tries: gets messages
         self.generation = 0  # the broker connection its last `ready` was for
@@ -78,19 +81,18 @@ class Stream:
         """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
         if self.finished:
             return True
-        frames = self.frames
-        if frames and (
-            len(frames) >= self.max_frames or self.buffered_bytes + len(frame) > self.max_bytes
-        ):
+        frames, size = self.frames, len(frame)
+        largest = max(self.largest, size)
+        if len(frames) >= self.max_frames or self.buffered_bytes + size - largest > self.max_bytes:
             # Drop what the client did not read: memory stays bounded, the client is told why.
-            frames.clear()
-            self.buffered_bytes = 0
+            self._drop()
             self.finish(sse.error(TOO_SLOW))
             return False
         if not frames:
             self.pending_since = time.monotonic()
         frames.append(frame)
-        self.buffered_bytes += len(frame)
+        self.buffered_bytes += size
+        self.largest = largest
         self.on_frames()
         return True
 
@@ -108,8 +110,7 @@ class Stream:
 
     def abort(self) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
-        self.frames.clear()
-        self.buffered_bytes = 0
+        self._drop()
         self.finished = True
         self.on_abort()
 
@@ -117,6 +118,9 @@ class Stream:
         """Every frame waiting, as one write (empty when there is none)."""
         frames = self.frames
         chunk = frames[0] if len(frames) == 1 else b"".join(frames)
-        frames.clear()
-        self.buffered_bytes = 0
+        self._drop()
         return chunk
+
+    def _drop(self) -> None:
+        self.frames.clear()
+        self.buffered_bytes = self.largest = 0

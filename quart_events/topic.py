@@ -132,4 +132,3 @@ def _enter(alive: dict[int, _Node[T]], node: _Node[T]) -> None:
     alive[id(node)] = node
     if node.hash_child is not None:
         alive[id(node.hash_child)] = node.hash_child
-

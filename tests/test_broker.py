@@ -71,6 +71,7 @@ async def test_a_second_loss_during_the_restore_keeps_every_stream(durable_excha
             await wait_until(lambda: server.stats()["bindings"] == 0)
 
 
+@pytest.mark.slow
 async def test_cuts_while_connecting_never_stop_the_reconnects(durable_exchange: str) -> None:
     with TcpProxy.running() as proxy:
         with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
@@ -190,6 +191,7 @@ async def test_the_server_starts_while_the_broker_is_down() -> None:
         await delete_exchange(exchange)
 
 
+@pytest.mark.slow
 async def test_credentials_are_read_again_on_reconnect(tmp_path: Path) -> None:
     user, first, second = f"test-{uuid.uuid4().hex[:6]}", "first-pw", "second-pw"
     exchange = f"exchange/test/creds-{uuid.uuid4().hex[:6]}"

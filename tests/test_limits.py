@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from browser import Browser
 from click.testing import CliRunner
 from helpers import EventsServer, SSEReader
 from hypothesis import HealthCheck, given, settings
@@ -106,6 +107,7 @@ bindings_values = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     raw=bindings_values,
@@ -137,6 +139,7 @@ def test_the_endpoint_answers_anything_cleanly(
         assert not any(leak in data for leak in LEAKS if leak not in raw)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(raw=bindings_values)
 def test_check_bindings_answers_anything_cleanly(raw: str) -> None:
@@ -144,3 +147,21 @@ def test_check_bindings_answers_anything_cleanly(raw: str) -> None:
     assert result.exit_code in (0, 1), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.output
+
+
+@pytest.mark.browser
+async def test_an_event_source_over_the_limit_comes_back_by_itself_and_gets_in() -> None:
+    env = {
+        "TC_EVENTS_SERVER__MAX_STREAMS": "1",
+        "TC_EVENTS_SERVER__RETRY_MIN_MS": "500",
+        "TC_EVENTS_SERVER__RETRY_MAX_MS": "800",
+    }
+    with EventsServer.running(env) as full:
+        async with SSEReader(full.url([])) as holder:
+            await holder.wait_for("ready")
+            with Browser.following(full.url([])) as browser:
+                await browser.wait_for("error", 2)  # turned away twice, and it came back
+                assert "ready" not in browser.kinds()
+                await holder.close()  # a place frees up
+                await browser.wait_for("ready", timeout=10)
+                assert browser.reports[-1]["lastEventId"] == "-"

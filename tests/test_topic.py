@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import uuid
 
 import aio_pika
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from quart_events.topic import TopicTrie
+from quart_events.topic import TopicTrie, canonical_words, split_words
 
 
 def matches(pattern: str, key: str) -> bool:
@@ -74,6 +77,59 @@ def test_discard_prunes_and_keeps_the_rest() -> None:
     trie.discard("a.#", "y")
     assert len(trie) == 0 and trie.match("a.b") == set()
     assert not trie._root.children  # nothing left behind
+
+
+def reference_match(pattern: str, key: str) -> bool:
+    """AMQP topic matching written the plain way, to check the trie against."""
+    words, keys = split_words(pattern), split_words(key)
+
+    @functools.cache
+    def matches_from(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return matches_from(i + 1, j) or (j < len(keys) and matches_from(i, j + 1))
+        return j < len(keys) and words[i] in ("*", keys[j]) and matches_from(i + 1, j + 1)
+
+    return matches_from(0, 0)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.lists(st.sampled_from(["a", "b", "", "*", "#"]), max_size=7), max_size=8),
+    st.lists(st.sampled_from(["a", "b", "", "*", "#"]), max_size=9),
+)
+def test_the_trie_equals_plain_matching(patterns: list[list[str]], key_words: list[str]) -> None:
+    trie: TopicTrie[int] = TopicTrie()
+    texts = [".".join(words) for words in patterns]
+    for n, pattern in enumerate(texts):
+        trie.add(pattern, n)
+    key = ".".join(key_words)
+    assert trie.match(key) == {n for n, p in enumerate(texts) if reference_match(p, key)}
+
+
+def test_runs_of_wildcards_are_stored_in_one_form() -> None:
+    assert canonical_words("#.*.#.a.#.#.*") == ["*", "#", "a", "*", "#"]
+    assert canonical_words("a.#.#") == ["a", "#"] and canonical_words("*.*") == ["*", "*"]
+
+
+@pytest.mark.timeout(10)
+def test_the_worst_patterns_a_client_may_send_match_in_bounded_time() -> None:
+    """100 patterns of 255 bytes (the most a stream may bind) made of wildcards, against
+    keys of up to 128 words: once 28 s for one match, now a few thousand steps."""
+    rng = random.Random(7)
+    trie: TopicTrie[int] = TopicTrie()
+    patterns = []
+    for n in range(100):
+        words: list[str] = []
+        while len(".".join(words)) < 253:
+            words.append(rng.choice(["#", "*", "#", "a"] if n % 2 else ["#", "*"]))
+        patterns.append(".".join(words)[:255].rstrip("."))
+        trie.add(patterns[-1], n)
+    for length in (10, 60, 128):
+        key = ".".join(["a"] * length)
+        expected = {n for n, p in enumerate(patterns) if reference_match(p, key)}
+        assert trie.match(key) == expected
 
 
 def test_many_hashes_stay_fast() -> None:

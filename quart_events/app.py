@@ -13,8 +13,10 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import metadata
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
@@ -23,6 +25,7 @@ from quart import Quart, Response
 from .broker import Broker
 from .connect import ConnectEndpoint
 from .hub import Hub
+from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .shared_bindings import SharedBindings
 from .timer import every
@@ -30,6 +33,9 @@ from .timer import every
 log = logging.getLogger(__name__)
 
 STATS_PATH = "/api/events/v1/__stats__"
+METRICS_PATH = "/metrics"
+METRICS_FLUSH_INTERVAL = 1.0  # seconds: how stale a scrape of another worker may be
+VERSION = {"version": metadata.version("quart_events"), "source": "quart_events"}
 LISTEN_BACKLOG = 4096  # thousands of EventSources reconnect at once after a restart
 
 
@@ -41,11 +47,13 @@ class Service:
     broker: Broker
     shared: SharedBindings
     hub: Hub
-    timer: asyncio.Task[None] | None = None
+    metrics: Metrics
+    started_at: float = field(default_factory=time.monotonic)
+    timers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
-        """Connect to the broker and start the timer; raise ``BrokerUnavailable``. Idempotent."""
-        if self.timer is not None:
+        """Connect to the broker and start the timers; raise ``BrokerUnavailable``. Idempotent."""
+        if self.timers:
             return
         self.shared.start()
         try:
@@ -53,20 +61,32 @@ class Service:
         except BaseException:
             await self.shared.stop()
             raise
-        self.timer = asyncio.ensure_future(every(self.settings.server.ping_interval, self.tick))
+        self.timers = [
+            asyncio.ensure_future(every(self.settings.server.ping_interval, self.tick)),
+            asyncio.ensure_future(every(METRICS_FLUSH_INTERVAL, self.flush_metrics)),
+        ]
 
-    def tick(self) -> None:
+    def tick(self, lateness: float) -> None:
+        self.metrics.tick_lateness.observe(lateness)
         self.hub.drop_stuck_streams()
         self.hub.ping_streams()
 
+    def flush_metrics(self, lateness: float = 0.0) -> None:
+        self.hub.counts.broker_reconnects = self.broker.reconnects
+        self.metrics.flush(
+            self.hub.counts, len(self.hub.streams), len(self.shared), self.broker.is_connected
+        )
+
     async def stop(self) -> None:
-        timer, self.timer = self.timer, None
-        if timer is None:
+        timers, self.timers = self.timers, []
+        if not timers:
             return
         self.hub.begin_shutdown()
-        timer.cancel()
+        for timer in timers:
+            timer.cancel()
         await self.shared.stop()
         await self.broker.close()
+        self.flush_metrics()
 
 
 def service_of(app: Quart) -> Service:
@@ -76,34 +96,89 @@ def service_of(app: Quart) -> Service:
 
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Quart:
     """The service; ``reload`` reads the settings again (credentials on each reconnect)."""
+    metrics = Metrics()
     broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
     shared = SharedBindings(broker)
-    hub = Hub(settings.server, shared, settings.pulse.wait_for_broker)
+    hub = Hub(settings.server, shared, settings.pulse.wait_for_broker, metrics)
     # The wires: deliveries flow from the broker to the hub; the broker's answers about
     # bindings reach the hub through the shared bindings; a new connection restores.
     broker.on_delivery = hub.deliver
     broker.on_connected = hub.reconnected
     shared.on_settled = hub.settled
-    service = Service(settings, broker, shared, hub)
+    service = Service(settings, broker, shared, hub, metrics)
 
     app = Quart(__name__)
     app.extensions["tc_events"] = service
     app.before_serving(service.start)
     app.after_serving(service.stop)
-
-    async def stats() -> Response:
-        """Counts for operators and tests; nothing about the broker's address or users."""
-        body = {
-            **hub.stats(),
-            "broker_connected": broker.is_connected,
-            "tasks": len(asyncio.all_tasks()),
-            "rss_bytes": _rss_bytes(),
-        }
-        return Response(json.dumps(body), headers={"Content-Type": "application/json"})
-
-    app.add_url_rule(STATS_PATH, view_func=stats, methods=["GET"], strict_slashes=False)
+    _add_plain_routes(app, service)
     # Requests reach the connect endpoint first; everything else goes on to Quart.
     app.asgi_app = ConnectEndpoint(app.asgi_app, hub, settings.server)  # type: ignore[method-assign]
+    return app
+
+
+def _json(body: object, status: int = 200) -> Response:
+    return Response(json.dumps(body), status, {"Content-Type": "application/json"})
+
+
+def _add_plain_routes(app: Quart, service: Service) -> None:
+    """Stats, health and metrics: small answers, nothing about addresses or users."""
+    hub, broker = service.hub, service.broker
+
+    async def stats() -> Response:
+        """Counts of this process, for operators and tests."""
+        return _json(
+            {
+                **hub.stats(),
+                "broker_connected": broker.is_connected,
+                "tasks": len(asyncio.all_tasks()),
+                "rss_bytes": _rss_bytes(),
+            }
+        )
+
+    async def lbheartbeat() -> Response:
+        """For a load balancer: the process serves."""
+        return _json({})
+
+    async def heartbeat() -> Response:
+        """For a readiness probe: 503 while the broker connection is down."""
+        if broker.is_connected:
+            return _json({"broker": "connected"})
+        return _json({"broker": "disconnected: reconnecting"}, 503)
+
+    async def version() -> Response:
+        return _json(VERSION)
+
+    async def ping() -> Response:
+        """As every Taskcluster service answers it."""
+        return _json({"alive": True, "uptime": time.monotonic() - service.started_at})
+
+    for path, view in (
+        (STATS_PATH, stats),
+        ("/__lbheartbeat__", lbheartbeat),
+        ("/__heartbeat__", heartbeat),
+        ("/__version__", version),
+        ("/api/events/v1/ping", ping),
+    ):
+        app.add_url_rule(path, view_func=view, methods=["GET"], strict_slashes=False)
+    server = service.settings.server
+    if server.metrics and server.metrics_port is None:
+        app.add_url_rule(METRICS_PATH, view_func=metrics_view(service), methods=["GET"])
+
+
+def metrics_view(service: Service) -> Callable[[], Awaitable[Response]]:
+    async def metrics() -> Response:
+        service.flush_metrics()
+        text = service.metrics.exposition()
+        return Response(text, headers={"Content-Type": CONTENT_TYPE})
+
+    return metrics
+
+
+def metrics_app(service: Service) -> Quart:
+    """The app of the metrics port, when it has one: ``/metrics`` and nothing else."""
+    app = Quart(f"{__name__}.metrics")
+    app.add_url_rule(METRICS_PATH, view_func=metrics_view(service), methods=["GET"])
     return app
 
 
@@ -129,7 +204,15 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
     return config
 
 
-async def serve_app(app: Quart) -> None:
+def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening socket; with ``reuse_port`` one of several (workers) on the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server(
+        (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
+
+
+async def serve_app(app: Quart, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or SIGINT, then end every stream and stop.
 
     The broker is connected and the socket bound before hypercorn starts, so an
@@ -140,12 +223,14 @@ async def serve_app(app: Quart) -> None:
     service = service_of(app)
     server, pulse = service.settings.server, service.settings.pulse
     await service.start()
+    listeners = []
     try:
-        family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
-        listener = socket.create_server(
-            (server.host, server.port), family=family, backlog=LISTEN_BACKLOG
-        )
+        listeners.append(listen(server.host, server.port, reuse_port))
+        if server.metrics and server.metrics_port is not None:
+            listeners.append(listen(server.host, server.metrics_port, reuse_port))
     except OSError:
+        for listener in listeners:
+            listener.close()
         await service.stop()
         raise
     if hasattr(socket, "TCP_USER_TIMEOUT"):
@@ -153,27 +238,38 @@ async def serve_app(app: Quart) -> None:
         # reading for good, makes writes fail after write_timeout, and the kernel
         # frees the connection that hypercorn would otherwise keep waiting to flush.
         timeout_ms = int(server.write_timeout * 1000)
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
-    with listener:
-        host, port = listener.getsockname()[:2]
-        log.info(
-            "listening on http://%s:%s, RabbitMQ at %s:%s vhost %s, queue %s",
-            host,
-            port,
-            pulse.hostname,
-            pulse.amqp_port,
-            pulse.vhost,
-            service.broker.queue_name,
+        listeners[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+    host, port = listeners[0].getsockname()[:2]
+    log.info(
+        "listening on http://%s:%s, RabbitMQ at %s:%s vhost %s, queue %s",
+        host,
+        port,
+        pulse.hostname,
+        pulse.amqp_port,
+        pulse.vhost,
+        service.broker.queue_name,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    async def shutdown_trigger() -> None:
+        await stop.wait()
+        log.info("shutting down: ending %d streams", len(service.hub.streams))
+        service.hub.begin_shutdown()
+
+    servers = [
+        serve(
+            app, hypercorn_config(service.settings, listeners[0]), shutdown_trigger=shutdown_trigger
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-
-        async def shutdown_trigger() -> None:
-            await stop.wait()
-            log.info("shutting down: ending %d streams", len(service.hub.streams))
-            service.hub.begin_shutdown()
-
-        config = hypercorn_config(service.settings, listener)
-        await serve(app, config, shutdown_trigger=shutdown_trigger)
+    ]
+    if len(listeners) > 1:
+        log.info("metrics on http://%s:%s%s", host, listeners[1].getsockname()[1], METRICS_PATH)
+        config = hypercorn_config(service.settings, listeners[1])
+        servers.append(serve(metrics_app(service), config, shutdown_trigger=stop.wait))
+    try:
+        await asyncio.gather(*servers)
+    finally:
+        for listener in listeners:
+            listener.close()

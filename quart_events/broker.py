@@ -76,6 +76,13 @@ def describe_connect_error(settings: PulseSettings, error: BaseException) -> str
     return f"cannot reach {where}: {reason}"
 
 
+async def check_broker(settings: PulseSettings) -> None:
+    """Connect once and leave: ``BrokerUnavailable`` (one line for the operator) if that fails."""
+    broker = Broker(settings, name="tc-events check")
+    await broker._connect()
+    await broker._drop_connection()
+
+
 class Broker:
     """The process's queue on RabbitMQ: connect and reconnect, consume, bind, unbind.
 

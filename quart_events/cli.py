@@ -7,6 +7,7 @@ settings), 2 a usage error (click's own). Tracebacks only with ``--debug``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -16,12 +17,16 @@ from typing import Any
 
 import click
 
+from . import logs
 from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
+from .broker import check_broker
 from .errors import BrokerUnavailable
 from .settings import DEFAULT_PROFILE, PROFILES, Settings, SettingsError, load_settings
+from .supervisor import Supervisor, check_port
 
 EXIT_FAILURE = 1
+log = logging.getLogger("quart_events")
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -67,14 +72,7 @@ def main(context: click.Context, debug: bool) -> None:
     /api/events/v1/connect/?bindings=<JSON> and receive every matching message.
     """
     context.obj = {"debug": debug}
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="tc-events: %(message)s" if not debug else "%(asctime)s %(name)s: %(message)s",
-    )
-    if not debug:
-        # Libraries speak at error level; our own one-liners say what matters.
-        for name in ("aio_pika", "aiormq", "hypercorn", "asyncio"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logs.configure("info", "text", debug)
 
 
 @main.command()
@@ -84,6 +82,19 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=None, help="Port to listen on (server.port)."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Processes sharing the port, each with its own broker queue (server.workers).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Least important log lines shown (server.log_level).",
+)
+@click.option("--worker-index", type=int, default=None, hidden=True)
 @click.pass_context
 def server(
     context: click.Context,
@@ -91,26 +102,52 @@ def server(
     config_file: Path | None,
     host: str | None,
     port: int | None,
+    workers: int | None,
+    log_level: str | None,
+    worker_index: int | None,
 ) -> None:
     """Run the events service until SIGTERM or SIGINT."""
-    overrides = {key: value for key, value in (("host", host), ("port", port)) if value is not None}
+    options = {"host": host, "port": port, "workers": workers, "log_level": log_level}
+    overrides = {key: value for key, value in options.items() if value is not None}
+    if worker_index is not None:
+        overrides["workers"] = 1
     flags = {"server": overrides} if overrides else {}
     settings = _settings(profile, config_file, flags)
-    app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
+    debug = context.obj["debug"]
+    logs.configure(settings.server.log_level, settings.server.log_format, debug, worker_index)
     where = f"http://{settings.server.host}:{settings.server.port}"
     try:
-        run_loop(serve_app(app))
+        if settings.server.workers > 1:
+            if not settings.pulse.start_without_broker:
+                run_loop(check_broker(settings.pulse))
+            check_port(settings)
+            _log_settings(settings)
+            sys.exit(Supervisor(_worker_command(), settings).run())
+        if worker_index is None:
+            _log_settings(settings)
+        app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
+        run_loop(serve_app(app, reuse_port=worker_index is not None))
     except BrokerUnavailable as error:
-        if context.obj["debug"]:
+        if debug:
             raise
         click.echo(f"tc-events: {error}", err=True)
         sys.exit(EXIT_FAILURE)
     except OSError as error:
-        if context.obj["debug"]:
+        if debug:
             raise
         reason = os.strerror(error.errno) if error.errno else str(error)
         click.echo(f"tc-events: cannot listen on {where}: {reason}", err=True)
         sys.exit(EXIT_FAILURE)
+
+
+def _log_settings(settings: Settings) -> None:
+    """The effective settings, once, at start; secrets show as asterisks."""
+    log.info("settings: %s", json.dumps(settings.model_dump(mode="json"), sort_keys=True))
+
+
+def _worker_command() -> list[str]:
+    """A worker runs this very command line (the parent's own arguments)."""
+    return [sys.executable, "-m", "quart_events", *sys.argv[1:]]
 
 
 @main.command("check-bindings")

@@ -26,6 +26,7 @@ from hypercorn.typing import (
 from . import sse
 from .bindings import BindingError, parse_bindings
 from .hub import Hub
+from .metrics import Counts
 from .settings import ServerSettings
 from .stream import Stream
 
@@ -47,6 +48,7 @@ class ConnectEndpoint:
         self.hub = hub
         self.settings = settings
         self.cors = [(b"access-control-allow-origin", settings.cors_allow_origin.encode())]
+        self.opened = hub.metrics.streams_opened
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -97,17 +99,20 @@ class ConnectEndpoint:
         try:
             bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
         except BindingError as error:
+            self.opened.labels("bad_input").inc()
             await self._stream_of(send, sse.error(str(error)))
             return
         if self.hub.shutting_down:
             # This process is going away: come back (to the next one) as if it had ended.
+            self.opened.labels("shutting_down").inc()
             await self._stream_of(send, self.hub.goodbye())
             return
         if len(self.hub.streams) >= settings.max_streams:
+            self.opened.labels("over_limit").inc()
             await self._refuse(send, b"text/event-stream" in headers.get(b"accept", b""))
             return
         await self._start_stream(send)
-        client = _Client(send)
+        client = _Client(send, self.hub.counts)
         client.stream = self.hub.open(bindings, client.frames_waiting, client.abort)
         del bindings  # this frame lives as long as the stream: keep it small
         try:
@@ -122,7 +127,8 @@ class ConnectEndpoint:
         finally:
             client.ended = True  # closing the stream below must not start a writer
             client.stop_writing()
-            self.hub.close(client.stream)
+            peer = scope["client"] if settings.log_client_address else None
+            self.hub.close(client.stream, f"{peer[0]}:{peer[1]}" if peer else None)
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool) -> None:
         """Over the stream limit. An EventSource stops for good on a 503, so it gets a
@@ -159,10 +165,11 @@ class _Client:
     the client to leave.
     """
 
-    __slots__ = ("ended", "request_task", "send", "stream", "writer")
+    __slots__ = ("counts", "ended", "request_task", "send", "stream", "writer")
 
-    def __init__(self, send: ASGISendCallable) -> None:
+    def __init__(self, send: ASGISendCallable, counts: Counts) -> None:
         self.send = send
+        self.counts = counts
         self.stream: Stream | None = None
         self.request_task = asyncio.current_task()
         self.writer: asyncio.Task[None] | None = None
@@ -178,6 +185,7 @@ class _Client:
         try:
             while stream.frames:
                 chunk = stream.take()
+                self.counts.bytes_written += len(chunk)
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             if stream.finished:
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -29,7 +29,7 @@ class BindFailed(BrokerError):
 
     @classmethod
     def missing(cls, exchange: str) -> BindFailed:
-        return cls(f"exchange `{exchange}` does not exist")
+        return ExchangeMissing(f"exchange `{exchange}` does not exist")
 
     @classmethod
     def refused(cls, exchange: str) -> BindFailed:
@@ -41,6 +41,10 @@ class BindFailed(BrokerError):
             f"could not bind to exchange `{exchange}`: "
             "the message broker is unavailable, try again later"
         )
+
+
+class ExchangeMissing(BindFailed):
+    """The exchange of a binding does not exist."""
 
 
 def client_message(error: BaseException) -> str:

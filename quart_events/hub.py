@@ -11,6 +11,7 @@ stream, once per stream, whether its routing key or a ``CC`` key matched.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -18,25 +19,35 @@ from typing import Any
 
 from . import sse
 from .bindings import Binding
-from .errors import BindFailed, client_message
+from .errors import BindFailed, ExchangeMissing, client_message
+from .metrics import Counts, Metrics
 from .settings import ServerSettings
 from .shared_bindings import SharedBinding, SharedBindings
 from .stream import Stream, no_op
 from .topic import TopicTrie
 
+log = logging.getLogger(__name__)
+
 
 class Hub:
     """Open streams, their topic tries, and their state with the broker."""
 
-    def __init__(self, settings: ServerSettings, shared: SharedBindings, wait_for_broker: float):
+    def __init__(
+        self,
+        settings: ServerSettings,
+        shared: SharedBindings,
+        wait_for_broker: float,
+        metrics: Metrics,
+    ) -> None:
         self.settings = settings
         self.shared = shared
         self.wait_for_broker = wait_for_broker
+        self.metrics = metrics
+        self.counts = Counts()
         self.streams: set[Stream] = set()
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Stream]] = {}
         self._tries: dict[str, TopicTrie[Stream]] = {}
-        self.counters = {"deliveries": 0, "non_json": 0, "too_slow": 0, "stuck": 0}
 
     # -- streams ---------------------------------------------------------------
 
@@ -61,12 +72,22 @@ class Hub:
             self._ready(stream)
         return stream
 
-    def close(self, stream: Stream) -> None:
+    def close(self, stream: Stream, peer: str | None = None) -> None:
         """Forget a stream (its client left or it ended); release what it held."""
         if stream not in self.streams:
             return
         self.streams.discard(stream)
         stream.finish()
+        reason = stream.end_reason or "client_left"
+        self.metrics.streams_ended.labels(reason).inc()
+        log.info(
+            "stream ended: %s, %d bindings, %.1f s, %d messages%s",
+            reason.replace("_", " "),
+            len(stream.bindings),
+            time.monotonic() - stream.opened_at,
+            stream.delivered,
+            f", client {peer}" if peer else "",
+        )
         self._unwait(stream)
         if stream.joined:
             for binding in stream.bindings:
@@ -117,6 +138,8 @@ class Hub:
             stream.deadline.cancel()
             stream.deadline = None
         if not stream.joined:
+            self.metrics.streams_opened.labels("ready").inc()
+            self.metrics.ready_seconds.observe(time.monotonic() - stream.opened_at)
             for binding in stream.bindings:
                 self._tries.setdefault(binding.exchange, TopicTrie()).add(
                     binding.routing_key_pattern, stream
@@ -125,15 +148,19 @@ class Hub:
         stream.generation = self.shared.binder.generation
         stream.push(sse.READY)
 
-    def _fail(self, stream: Stream, error: BaseException) -> None:
+    def _fail(self, stream: Stream, error: BaseException, outcome: str | None = None) -> None:
         self._unwait(stream)
-        stream.finish(sse.error(client_message(error)))
+        if not stream.joined and not stream.finished:
+            if outcome is None:
+                outcome = "missing_exchange" if isinstance(error, ExchangeMissing) else "error"
+            self.metrics.streams_opened.labels(outcome).inc()
+        stream.finish(sse.error(client_message(error)), "error")
 
     def _give_up(self, stream: Stream) -> None:
         stream.deadline = None
         waiting = next((share for share in stream.shares if not self.shared.in_effect(share)), None)
         exchange = waiting.binding.exchange if waiting else ""
-        self._fail(stream, BindFailed.unavailable(exchange))
+        self._fail(stream, BindFailed.unavailable(exchange), "broker_unavailable")
 
     def reconnected(self) -> None:
         """A new broker connection: each stream that was ready is made ready again on it."""
@@ -156,15 +183,15 @@ class Hub:
         stuck_before = time.monotonic() - self.settings.write_timeout
         for stream in list(self.streams):
             if stream.frames and stream.pending_since < stuck_before:
-                self.counters["stuck"] += 1
-                stream.abort()
+                self.counts.stuck += 1
+                stream.abort("stuck")
                 self.close(stream)
 
     def begin_shutdown(self) -> None:
         """End every stream with a frame that makes an EventSource reconnect, spread out."""
         self.shutting_down = True
         for stream in list(self.streams):
-            stream.finish(self.goodbye())
+            stream.finish(self.goodbye(), "shutdown")
 
     def goodbye(self) -> bytes:
         return sse.goodbye(random.randint(self.settings.retry_min_ms, self.settings.retry_max_ms))
@@ -181,7 +208,8 @@ class Hub:
     ) -> None:
         """Fan one delivery out to every stream whose bindings match its routing key or a
         ``CC`` key (RabbitMQ routes by both); frame it once."""
-        self.counters["deliveries"] += 1
+        counts = self.counts
+        counts.deliveries += 1
         trie = self._tries.get(exchange)
         if trie is None:
             return
@@ -193,13 +221,15 @@ class Hub:
             return
         frame, is_json = sse.message(body, exchange, routing_key, redelivered, cc)
         if not is_json:
-            self.counters["non_json"] += 1
+            counts.non_json += 1
+        counts.frames_delivered += len(streams)
         for stream in streams:
+            stream.delivered += 1
             self._push(stream, frame)
 
     def _push(self, stream: Stream, frame: bytes) -> None:
         if not stream.push(frame):
-            self.counters["too_slow"] += 1
+            self.counts.too_slow += 1
 
     # -- introspection (tests, stats) ------------------------------------------------
 
@@ -210,5 +240,5 @@ class Hub:
             "pending_broker_operations": self.shared.pending,
             "buffered_bytes": sum(stream.buffered_bytes for stream in self.streams),
             "trie_entries": sum(len(trie) for trie in self._tries.values()),
-            **self.counters,
+            **self.counts.as_dict(),
         }

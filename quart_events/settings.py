@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -74,6 +74,12 @@ class ServerSettings(BaseModel):
     shutdown_grace: float = Field(gt=0)
     retry_min_ms: int = Field(ge=0)
     retry_max_ms: int = Field(ge=0)
+    workers: int = Field(ge=1, le=256)
+    metrics: bool
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"]
+    log_format: Literal["text", "json"]
+    log_client_address: bool
 
     @model_validator(mode="after")
     def _retry_window(self) -> ServerSettings:

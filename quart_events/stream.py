@@ -39,6 +39,8 @@ class Stream:
         "bindings",
         "buffered_bytes",
         "deadline",
+        "delivered",
+        "end_reason",
         "finished",
         "frames",
         "generation",
@@ -48,6 +50,7 @@ class Stream:
         "max_frames",
         "on_abort",
         "on_frames",
+        "opened_at",
         "pending_since",
         "shares",
         "waiting_for",
@@ -76,6 +79,9 @@ class Stream:
         self.shares: list[SharedBinding] = []  # its share of the broker's bindings
         self.waiting_for = 0  # shares not yet in effect on the current connection
         self.deadline: asyncio.TimerHandle | None = None  # while a new stream waits for the broker
+        self.opened_at = time.monotonic()
+        self.delivered = 0  # message frames queued for it
+        self.end_reason: str | None = None  # why the server ended it (None: the client left)
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
@@ -86,7 +92,7 @@ class Stream:
         if len(frames) >= self.max_frames or self.buffered_bytes + size - largest > self.max_bytes:
             # Drop what the client did not read: memory stays bounded, the client is told why.
             self._drop()
-            self.finish(sse.error(TOO_SLOW))
+            self.finish(sse.error(TOO_SLOW), "too_slow")
             return False
         if not frames:
             self.pending_since = time.monotonic()
@@ -96,10 +102,11 @@ class Stream:
         self.on_frames()
         return True
 
-    def finish(self, last_frame: bytes | None = None) -> None:
-        """End the stream after what is buffered, and ``last_frame``."""
+    def finish(self, last_frame: bytes | None = None, reason: str | None = None) -> None:
+        """End the stream after what is buffered, and ``last_frame``, for ``reason``."""
         if self.finished:
             return
+        self.end_reason = reason
         if last_frame is not None:
             if not self.frames:
                 self.pending_since = time.monotonic()
@@ -108,9 +115,11 @@ class Stream:
         self.finished = True
         self.on_frames()
 
-    def abort(self) -> None:
+    def abort(self, reason: str) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
         self._drop()
+        if not self.finished:
+            self.end_reason = reason
         self.finished = True
         self.on_abort()
 

@@ -6,11 +6,12 @@ import asyncio
 from collections.abc import Callable
 
 
-async def every(interval: float, action: Callable[[], None]) -> None:
-    """Call ``action`` every ``interval`` seconds, on a fixed schedule.
+async def every(interval: float, action: Callable[[float], None]) -> None:
+    """Call ``action(lateness)`` every ``interval`` seconds, on a fixed schedule.
 
     The time ``action`` takes does not push later ticks back; ticks missed while the
     event loop stalled (or the machine paused) are skipped, not made up in a burst.
+    ``lateness`` is how long after its time the tick came (seconds).
     """
     loop = asyncio.get_running_loop()
     tick = loop.time()
@@ -20,4 +21,4 @@ async def every(interval: float, action: Callable[[], None]) -> None:
         if tick < now:  # behind: go on from the next tick still ahead
             tick += (int((now - tick) / interval) + 1) * interval
         await asyncio.sleep(tick - now)
-        action()
+        action(loop.time() - tick)

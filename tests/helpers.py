@@ -79,6 +79,7 @@ class EventsServer:
         port: int | None = None,
         args: Sequence[str] = (),
         namespace: str | None = None,
+        wait: bool = True,
     ) -> EventsServer:
         port = port or free_port()
         namespace = namespace or f"test-{uuid.uuid4().hex[:10]}"
@@ -104,6 +105,8 @@ class EventsServer:
         )
         log_file.close()
         server = cls(port, namespace, process, log_path, env)
+        if not wait:
+            return server
         try:
             wait_for_port(port, process)
         except Exception:
@@ -157,6 +160,31 @@ def run_server(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
         cwd=ROOT,
         env={**os.environ, **(env or {})},
     )
+
+
+class StalledClient:
+    """Opens a stream, reads the response headers, then reads nothing more."""
+
+    def __init__(self, server: EventsServer, exchange: str, pattern: str = "#") -> None:
+        query = urllib.parse.urlencode(
+            {"bindings": bindings_param([{"exchange": exchange, "routingKeyPattern": pattern}])}
+        )
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", server.port))
+        self.sock.sendall(
+            f"GET /api/events/v1/connect/?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        )
+        self.received = self.sock.recv(200)
+        assert self.received.startswith(b"HTTP/1.1 200")
+
+    def read_to_end(self, timeout: float = 30) -> bytes:
+        self.sock.settimeout(timeout)
+        chunks = [self.received]
+        while chunk := self.sock.recv(1 << 20):
+            chunks.append(chunk)
+        self.sock.close()
+        return b"".join(chunks)
 
 
 # -- the broker, as a test sees it ---------------------------------------------------

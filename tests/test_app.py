@@ -1,4 +1,5 @@
-"""The app through Quart's own test client, in process, against the real broker."""
+"""The app: in process through Quart's test client, and as a real server for its plain
+routes (health, version, ping, metrics) and its logs."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 import re
 import urllib.parse
 import uuid
+from importlib import metadata
 
 import aio_pika
+import httpx
 import pytest
+from helpers import EventsServer, SSEReader, free_port, wait_until
+from tcp_proxy import TcpProxy
 
 from quart_events import create_app, load_settings
 from quart_events.app import service_of
@@ -64,3 +69,91 @@ async def test_a_stream_requested_once_shutdown_began_gets_the_reconnect_frame_a
                     received += await asyncio.wait_for(connection.receive(), 5)
     assert connection.status_code == 200
     assert re.fullmatch(rb"id:\nretry: \d+\n\n", received), received
+
+
+async def test_health_endpoints(server: EventsServer) -> None:
+    async with httpx.AsyncClient(base_url=server.base, timeout=5) as client:
+        assert (await client.get("/__lbheartbeat__")).status_code == 200
+        heartbeat = await client.get("/__heartbeat__")
+        assert heartbeat.status_code == 200 and heartbeat.json() == {"broker": "connected"}
+        version = (await client.get("/__version__")).json()
+        assert version["version"] == metadata.version("quart_events") and version["source"]
+        first = (await client.get("/api/events/v1/ping")).json()
+        await asyncio.sleep(0.2)
+        second = (await client.get("/api/events/v1/ping")).json()
+        assert first["alive"] is True and second["uptime"] > first["uptime"] >= 0
+
+
+async def test_heartbeat_says_503_while_the_broker_is_away() -> None:
+    with (
+        TcpProxy.running() as proxy,
+        EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server,
+    ):
+        proxy.cut()
+        async with httpx.AsyncClient(base_url=server.base, timeout=5) as client:
+            await wait_until(lambda: not server.stats()["broker_connected"])
+            down = await client.get("/__heartbeat__")
+            assert down.status_code == 503 and down.json()["broker"].startswith("disconnected")
+            assert (await client.get("/__lbheartbeat__")).status_code == 200
+            proxy.restore()
+            await wait_until(lambda: server.stats()["broker_connected"], timeout=20)
+            assert (await client.get("/__heartbeat__")).status_code == 200
+
+
+async def test_a_stream_that_ends_is_logged_in_one_line_without_the_client_address(
+    exchange: aio_pika.abc.AbstractExchange,
+) -> None:
+    for with_address in (False, True):
+        env = {"TC_EVENTS_SERVER__LOG_CLIENT_ADDRESS": str(with_address).lower()}
+        with EventsServer.running(env) as server:
+            bindings = [
+                {"exchange": exchange.name, "routingKeyPattern": "a.#"},
+                {"exchange": exchange.name, "routingKeyPattern": "b.#"},
+            ]
+            async with SSEReader(server.url(bindings)) as reader:
+                await reader.wait_for("ready")
+                await exchange.publish(aio_pika.Message(b"{}"), routing_key="a.x")
+                await reader.wait_for("message")
+            await wait_until(lambda s=server: "stream ended" in s.output())
+            (line,) = [x for x in server.output().splitlines() if "stream ended" in x]
+            assert re.fullmatch(
+                r"tc-events: stream ended: client left, 2 bindings, \d+\.\d s, 1 messages"
+                + (r", client 127\.0\.0\.1:\d+" if with_address else ""),
+                line,
+            ), line
+
+
+async def test_production_logs_are_json_lines_and_the_settings_show_no_secret() -> None:
+    env = {"TC_EVENTS_SERVER__HOST": "127.0.0.1", "PULSE_PASSWORD": "guest"}
+    server = EventsServer.start(env, args=["--profile", "production"])
+    try:
+        async with SSEReader(server.url([])) as reader:
+            await reader.wait_for("ready")
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.output().splitlines()]
+    messages = [line["message"] for line in lines]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    settings_line = next(m for m in messages if m.startswith("settings: "))
+    assert '"password": "**********"' in settings_line
+    assert '"password": "guest"' not in server.output()
+    assert any(m.startswith("stream ended: client left") for m in messages)
+
+
+def test_metrics_can_be_turned_off_or_moved_to_a_port_of_their_own() -> None:
+    with EventsServer.running({"TC_EVENTS_SERVER__METRICS": "false"}) as server:
+        assert httpx.get(f"{server.base}/metrics").status_code == 404
+    metrics_port = free_port()
+    env = {"TC_EVENTS_SERVER__METRICS_PORT": str(metrics_port)}
+    with EventsServer.running(env) as server:
+        assert httpx.get(f"{server.base}/metrics").status_code == 404
+        moved = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert moved.status_code == 200 and "tc_events_streams_open 0.0" in moved.text
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/__heartbeat__").status_code == 404
+
+
+async def test_log_level_warning_leaves_out_the_info_lines() -> None:
+    with EventsServer.running(args=["--log-level", "warning"]) as server:
+        async with SSEReader(server.url([])) as reader:
+            await reader.wait_for("ready")
+    assert "listening on" not in server.output() and "stream ended" not in server.output()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
-import urllib.parse
 
 import aio_pika
 import pytest
-from helpers import EventsServer, SSEReader, bindings_param, wait_until
+from helpers import EventsServer, SSEReader, StalledClient, wait_until
 
 from quart_events.errors import TOO_SLOW
 
@@ -23,31 +21,6 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 MESSAGE = json.dumps({"pad": "x" * 10_000}).encode()  # about 10 KiB
 MESSAGES = 5_000  # about 50 MB in all
-
-
-class StalledClient:
-    """Opens a stream, reads the response headers, then reads nothing more."""
-
-    def __init__(self, server: EventsServer, exchange: str) -> None:
-        query = urllib.parse.urlencode(
-            {"bindings": bindings_param([{"exchange": exchange, "routingKeyPattern": "#"}])}
-        )
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.connect(("127.0.0.1", server.port))
-        self.sock.sendall(
-            f"GET /api/events/v1/connect/?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        )
-        self.received = self.sock.recv(200)
-        assert self.received.startswith(b"HTTP/1.1 200")
-
-    def read_to_end(self, timeout: float = 30) -> bytes:
-        self.sock.settimeout(timeout)
-        chunks = [self.received]
-        while chunk := self.sock.recv(1 << 20):
-            chunks.append(chunk)
-        self.sock.close()
-        return b"".join(chunks)
 
 
 async def publish_all(exchange: aio_pika.abc.AbstractExchange, server: EventsServer) -> int:

@@ -13,7 +13,7 @@ async def test_ticks_missed_during_a_stall_are_skipped_not_made_up() -> None:
     loop = asyncio.get_running_loop()
     ticks: list[float] = []
 
-    def action() -> None:
+    def action(lateness: float) -> None:
         ticks.append(loop.time())
         if len(ticks) == 2:
             time.sleep(0.5)  # the event loop stalls for ten intervals

@@ -1,0 +1,150 @@
+"""Metrics for operators, in the Prometheus text format (the prometheus-client library).
+
+The hub and the connect endpoint count into plain integers (``Counts``): the
+per-message path pays an addition, not a lock and a file write. ``Metrics.flush``
+moves what changed into prometheus-client's metrics once a second and before every
+scrape. With several worker processes each one writes its values into files of
+prometheus-client's multiprocess mode (the supervisor sets
+``PROMETHEUS_MULTIPROC_DIR`` for them), so one scrape of any worker shows the sum
+of all: counters survive a worker's restart, gauges of dead workers are dropped.
+The same ``Counts`` feed ``__stats__``, so both show one source of truth.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# How a stream request ended up, and how a stream ended (label values).
+OPENED = (
+    "ready",
+    "bad_input",
+    "over_limit",
+    "shutting_down",
+    "missing_exchange",
+    "broker_unavailable",
+    "error",
+)
+ENDED = ("client_left", "too_slow", "stuck", "shutdown", "error")
+
+
+@dataclass(slots=True)
+class Counts:
+    """Plain counters of one process, added to on the hot paths."""
+
+    deliveries: int = 0  # messages received from the broker
+    non_json: int = 0  # of which the body was not strict JSON
+    frames_delivered: int = 0  # message frames queued for clients
+    bytes_written: int = 0  # to clients
+    too_slow: int = 0
+    stuck: int = 0
+    broker_reconnects: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+class Metrics:
+    """prometheus-client's metrics of this process, fed from ``Counts`` and events."""
+
+    def __init__(self) -> None:
+        self.multiprocess = MULTIPROCESS_DIR in os.environ
+        self.registry = CollectorRegistry()
+        registry = self.registry
+
+        def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, text, labels, registry=registry)
+
+        self.streams_open = Gauge(
+            "tc_events_streams_open",
+            "Open streams.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.streams_opened = counter(
+            "tc_events_streams_opened", "Stream requests, by outcome.", ("outcome",)
+        )
+        self.streams_ended = counter(
+            "tc_events_streams_ended", "Streams ended, by reason.", ("reason",)
+        )
+        self.bindings = Gauge(
+            "tc_events_broker_bindings",
+            "Distinct bindings held on the broker (or being bound).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.broker_connected = Gauge(
+            "tc_events_broker_connected",
+            "1 while this process is connected to the broker.",
+            registry=registry,
+            multiprocess_mode="liveall",
+        )
+        self.messages_received = counter(
+            "tc_events_broker_messages_received", "Messages received from the broker."
+        )
+        self.messages_not_json = counter(
+            "tc_events_broker_messages_not_json", "Messages whose body was not strict JSON."
+        )
+        self.frames_delivered = counter(
+            "tc_events_frames_delivered", "Message frames delivered to streams."
+        )
+        self.bytes_written = counter("tc_events_written_bytes", "Bytes written to clients.")
+        self.broker_reconnects = counter(
+            "tc_events_broker_reconnects", "Connections to the broker after the first."
+        )
+        self.ready_seconds = Histogram(
+            "tc_events_ready_seconds",
+            "Time from a stream request to its first ready.",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.tick_lateness = Histogram(
+            "tc_events_ping_lateness_seconds",
+            "How late the ping timer fired.",
+            registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        for outcome in OPENED:
+            self.streams_opened.labels(outcome)
+        for reason in ENDED:
+            self.streams_ended.labels(reason)
+        self._flushed = Counts()
+
+    def flush(self, counts: Counts, streams: int, bindings: int, connected: bool) -> None:
+        """Move what changed since the last flush into the metrics."""
+        flushed = self._flushed
+        for source, target, name in (
+            (counts.deliveries, self.messages_received, "deliveries"),
+            (counts.non_json, self.messages_not_json, "non_json"),
+            (counts.frames_delivered, self.frames_delivered, "frames_delivered"),
+            (counts.bytes_written, self.bytes_written, "bytes_written"),
+            (counts.broker_reconnects, self.broker_reconnects, "broker_reconnects"),
+        ):
+            delta = source - getattr(flushed, name)
+            if delta:
+                target.inc(delta)
+                setattr(flushed, name, source)
+        self.streams_open.set(streams)
+        self.bindings.set(bindings)
+        self.broker_connected.set(1 if connected else 0)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: every worker's figures where there are several."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

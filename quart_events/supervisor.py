@@ -1,0 +1,182 @@
+"""Several worker processes on one port, and the parent that keeps them running.
+
+Why not hypercorn's own ``workers``: it ends only the first worker cleanly and
+kills the rest, and it bypasses the shutdown that ends every stream with the
+reconnect frame. Here each worker is a whole ``tc-events server`` process with its
+own broker connection, its own exclusive queue and its own listening socket
+(``SO_REUSEPORT``, so the kernel spreads connections evenly; one shared socket piles
+them onto whichever process accepts first). The parent holds no broker connection
+and serves nothing.
+
+- SIGTERM or SIGINT to the parent (or to the whole process group): every worker ends
+  its streams with the reconnect frame; the parent waits for them, up to
+  ``server.shutdown_grace`` plus a margin, then kills what is left, and exits 0.
+- A worker that dies is started again after a backoff, and the log says so. Workers
+  that keep dying right after their start make the parent give up and exit 1.
+- A worker ends when the parent dies (``PR_SET_PDEATHSIG``), so no orphan holds the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client import multiprocess
+
+from .metrics import MULTIPROCESS_DIR
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+KILL_MARGIN = 5.0  # seconds past the shutdown grace before workers are killed
+EARLY_DEATH = 5.0  # a worker that dies sooner than this after its start failed at start
+GIVE_UP_AFTER = 5  # early deaths in a row of one worker before the parent gives up
+RESTART_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
+POLL = 0.1
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the worker, before it runs: SIGTERM when the parent goes (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the worker notices no parent death
+        return
+    if os.getppid() != parent:  # the parent went before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    early_deaths: int = 0
+
+
+def check_port(settings: Settings) -> None:
+    """Raise ``OSError`` now if the workers could not listen on the port (it is taken)."""
+    server = settings.server
+    if server.port == 0:
+        raise OSError(errno.EINVAL, "several workers need a fixed port, not 0")
+    family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((server.host, server.port))  # not listening: it takes no connection
+
+
+@dataclass
+class Supervisor:
+    """Runs ``settings.server.workers`` workers, each ``command + ["--worker-index", i]``."""
+
+    command: Sequence[str]
+    settings: Settings
+    workers: list[_Worker] = field(default_factory=list)
+    stopping: bool = False
+
+    @property
+    def count(self) -> int:
+        return self.settings.server.workers
+
+    def run(self) -> int:
+        metrics_dir = tempfile.mkdtemp(prefix="tc-events-metrics-")
+        os.environ[MULTIPROCESS_DIR] = metrics_dir
+        previous = {
+            signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            self.workers = [_Worker(index) for index in range(1, self.count + 1)]
+            for worker in self.workers:
+                self._start(worker)
+            log.info("started %d workers", self.count)
+            code = self._watch()
+            self._stop_all()
+            return code
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            del os.environ[MULTIPROCESS_DIR]
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    def _start(self, worker: _Worker) -> None:
+        parent = os.getpid()
+        worker.process = subprocess.Popen(
+            [*self.command, "--worker-index", str(worker.index)],
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+        worker.started = time.monotonic()
+        worker.restart_at = None
+
+    def _watch(self) -> int:
+        """Until a signal: start workers that died again; 1 when they keep failing."""
+        while not self.stopping:
+            now = time.monotonic()
+            for worker in self.workers:
+                process = worker.process
+                if process is not None and process.poll() is not None:
+                    if self._died(worker, process, now):
+                        return 1
+                elif worker.restart_at is not None and now >= worker.restart_at:
+                    self._start(worker)
+            time.sleep(POLL)
+        return 0
+
+    def _died(self, worker: _Worker, process: subprocess.Popen[bytes], now: float) -> bool:
+        """Note a worker's death and plan its restart; ``True`` when it is time to give up."""
+        worker.process = None
+        multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+        code = process.returncode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        if now - worker.started < EARLY_DEATH:
+            worker.early_deaths += 1
+        else:
+            worker.early_deaths = 0
+        if worker.early_deaths >= GIVE_UP_AFTER:
+            log.error(
+                "worker %d (pid %d) %s; it failed %d times right after its start: giving up",
+                worker.index,
+                process.pid,
+                how,
+                worker.early_deaths,
+            )
+            return True
+        delay = RESTART_DELAYS[min(worker.early_deaths, len(RESTART_DELAYS) - 1)]
+        log.warning(
+            "worker %d (pid %d) %s; starting it again in %.1f s",
+            worker.index,
+            process.pid,
+            how,
+            delay,
+        )
+        worker.restart_at = now + delay
+        return False
+
+    def _stop_all(self) -> None:
+        """SIGTERM every worker, wait for them (grace plus a margin), then kill the rest."""
+        running = [w.process for w in self.workers if w.process and w.process.poll() is None]
+        log.info("stopping %d workers", len(running))
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.server.shutdown_grace + KILL_MARGIN
+        for process in running:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker pid %d did not stop in time: killing it", process.pid)
+                process.kill()
+                process.wait()

@@ -37,6 +37,8 @@ SYSTEMS = ("sse", "stomp", "amqp")
 NAMES = {"sse": "tc-events", "stomp": "Web-STOMP", "amqp": "raw AMQP"}
 BODY_SIZE = 1024
 Row = dict[str, Any]  # figures by name; a `why` text where a run failed or was not run
+SERVER_PID: int | None = None  # the tc-events server of this run (its workers are children)
+WORKERS = "1"
 
 
 def free_port() -> int:
@@ -46,10 +48,44 @@ def free_port() -> int:
 
 
 def rss_of(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """Resident memory of a process and its children (the workers, with --workers)."""
+    total = 0
+    for each in [pid, *children_of(pid)]:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found += [int(child) for child in children]
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children."""
+    return sum(cpu_of(each) for each in [pid, *children_of(pid)])
+
+
+def broker_pid() -> int:
+    """RabbitMQ's Erlang VM."""
+    out = subprocess.run(["pgrep", "-f", "beam.smp"], capture_output=True, text=True).stdout
+    return int(out.split()[0])
+
+
+@contextmanager
+def cpu_seconds(row: Row, server_pid: int | None) -> Iterator[None]:
+    """Add the CPU seconds the server (with its workers) and the broker used meanwhile."""
+    broker = broker_pid()
+    server_before = tree_cpu(server_pid) if server_pid else 0.0
+    broker_before = cpu_of(broker)
+    yield
+    if server_pid:
+        row["server_cpu_s"] = tree_cpu(server_pid) - server_before
+    row["broker_cpu_s"] = cpu_of(broker) - broker_before
 
 
 def cpu_of(pid: int) -> float:
@@ -208,14 +244,17 @@ def fanout(system: str, port: int, streams: int, messages: int) -> Row:
             generator.stop()
             generator.finish(10)
             return {"failed": failures, "why": failure}
-        started, _ = asyncio.run(publish(exchange, messages))
-        report = generator.finish(timeout=120)
+        cpu: Row = {}
+        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+            started, _ = asyncio.run(publish(exchange, messages))
+            report = generator.finish(timeout=120)
     expected = streams * messages
     elapsed = report.last_receipt - started
     return {
         "deliveries_per_s": report.received / elapsed if elapsed > 0 else 0.0,
         "lost": expected - report.received,
         "loadgen_cpu_s": report.cpu_seconds,
+        **cpu,
         "elapsed_s": elapsed,
         **({"broken": report.broken, "why": report.first_failure} if report.broken else {}),
     }
@@ -267,10 +306,32 @@ def connect(system: str, port: int, streams: int = 1000) -> Row:
     return result
 
 
+HEALTH_PATHS = ("/__lbheartbeat__", "/__heartbeat__", "/__version__", "/api/events/v1/ping")
+
+
+def slowest_health_answer_ms(port: int, tries: int = 20) -> float:
+    """The slowest of ``tries`` answers of each health endpoint, each on a new connection."""
+    slowest = 0.0
+    for _ in range(tries):
+        for path in HEALTH_PATHS:
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), 5) as sock:
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+                )
+                while sock.recv(65536):
+                    pass
+            slowest = max(slowest, time.perf_counter() - started)
+    return slowest * 1000
+
+
 def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> Row:
-    """10,000 open streams in one server process: RSS per stream, and pings on time."""
-    with events_server(ping_interval=str(ping_interval)) as server, exchange_for_run() as exchange:
-        time.sleep(1)
+    """10,000 open streams on one server: RSS per stream, pings on time, health answers."""
+    with (
+        events_server(ping_interval=str(ping_interval), workers=WORKERS) as server,
+        exchange_for_run() as exchange,
+    ):
+        time.sleep(2)
         before = rss_of(server.process.pid)
         generator = LoadGenerator(
             Job("sse", server.port, exchange, "bench.#", streams, count_pings=True), 4
@@ -278,6 +339,7 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
         ready, failures, _ = generator.start()
         time.sleep(hold)
         after = rss_of(server.process.pid)
+        health_ms = slowest_health_answer_ms(server.port)
         generator.stop()
         report = generator.finish(60)
     return {
@@ -287,6 +349,8 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
         "rss_mib": after / 2**20,
         "max_ping_gap_s": max(report.ping_gaps, default=float("nan")),
         "p99_ping_gap_s": percentile(report.ping_gaps, 0.99),
+        "slowest_health_ms": health_ms,
+        "loadgen_cpu_s": report.cpu_seconds,
     }
 
 
@@ -310,11 +374,32 @@ def main() -> None:
     parser.add_argument(
         "--fanout-streams", default="1,100,1000", help="stream counts of the fan-out runs"
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="tc-events worker processes; a list (1,2) runs the workloads once for each",
+    )
     args = parser.parse_args()
     systems = args.systems.split(",")
     ensure_web_stomp()
-    table: list[tuple[str, str, Row]] = []
-    with events_server() as server:
+    counts = args.workers.split(",")
+    for workers in counts:
+        # Web-STOMP and raw AMQP do not depend on tc-events' workers: measured once.
+        run_workloads(args, systems if workers == counts[0] else ["sse"], workers)
+    print_table(TABLE)
+
+
+TABLE: list[tuple[str, str, Row]] = []
+
+
+def run_workloads(args: argparse.Namespace, systems: list[str], workers: str) -> None:
+    global SERVER_PID, WORKERS
+    WORKERS = workers
+    tag = f" [{workers} workers]" if workers != "1" else ""
+    table = TABLE
+    with events_server(workers=WORKERS) as server:
+        SERVER_PID = server.process.pid
+        time.sleep(2)  # the workers start
         ports = {"sse": server.port, "stomp": 15674, "amqp": 5672}
         for workload in args.workloads:
             if workload == "fanout":
@@ -322,23 +407,22 @@ def main() -> None:
                     messages = min(20_000, max(200, 200_000 // streams))  # ~200,000 deliveries
                     for system in systems:
                         row = median_of(args.runs, fanout, system, ports[system], streams, messages)
-                        table.append((f"fan-out {streams}", system, row))
-                        print(f"fan-out {streams:>5} {NAMES[system]:>10}: {row}", flush=True)
+                        table.append((f"fan-out {streams}{tag}", system, row))
+                        print(f"fan-out {streams:>5}{tag} {NAMES[system]:>10}: {row}", flush=True)
             elif workload == "latency":
                 for system in systems:
                     row = median_of(args.runs, latency, system, ports[system])
-                    table.append(("latency 10x1000/s", system, row))
-                    print(f"latency {NAMES[system]:>10}: {row}", flush=True)
+                    table.append((f"latency 10x1000/s{tag}", system, row))
+                    print(f"latency{tag} {NAMES[system]:>10}: {row}", flush=True)
             elif workload == "connect":
                 for system in systems:
                     row = median_of(args.runs, connect, system, ports[system])
-                    table.append(("connect 1000", system, row))
-                    print(f"connect {NAMES[system]:>10}: {row}", flush=True)
+                    table.append((f"connect 1000{tag}", system, row))
+                    print(f"connect{tag} {NAMES[system]:>10}: {row}", flush=True)
     if "idle" in args.workloads:
         row = median_of(args.runs, idle)
-        table.append(("idle 10000", "sse", row))
-        print(f"idle: {row}", flush=True)
-    print_table(table)
+        table.append((f"idle 10000{tag}", "sse", row))
+        print(f"idle{tag}: {row}", flush=True)
 
 
 def print_table(table: list[tuple[str, str, Row]]) -> None:

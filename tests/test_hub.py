@@ -11,6 +11,7 @@ from binder import MISSING_EXCHANGE, RecordingBinder, settle
 from quart_events import sse
 from quart_events.bindings import Binding
 from quart_events.hub import Hub
+from quart_events.metrics import Metrics
 from quart_events.settings import load_settings
 from quart_events.shared_bindings import SharedBindings
 from quart_events.stream import Stream
@@ -25,7 +26,7 @@ def make_hub(wait_for_broker: float = 30, **server: Any) -> tuple[Hub, Recording
     binder = RecordingBinder()
     settings = load_settings("test", overrides={"server": server} if server else None)
     shared = SharedBindings(binder)
-    hub = Hub(settings.server, shared, wait_for_broker)
+    hub = Hub(settings.server, shared, wait_for_broker, Metrics())
     shared.on_settled = hub.settled
     shared.start()
     return hub, binder
@@ -182,3 +183,29 @@ async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:
         retries.add(int(last.split(b"retry: ")[1]))
     assert all(100 <= r <= 200 for r in retries) and len(retries) > 1
     assert hub.shutting_down
+
+
+async def test_outcomes_and_end_reasons_are_counted() -> None:
+    hub, binder = make_hub(wait_for_broker=0.05, write_timeout=0.05)
+    registry = hub.metrics.registry
+
+    def count(metric: str, label: str, value: str) -> float | None:
+        return registry.get_sample_value(f"tc_events_streams_{metric}_total", {label: value})
+
+    ready, missing = hub.open([A]), hub.open([MISSING])
+    await settle()
+    binder.lose()
+    unavailable = hub.open([B])
+    await asyncio.sleep(0.2)
+    for outcome, expected in (("ready", 1), ("missing_exchange", 1), ("broker_unavailable", 1)):
+        assert count("opened", "outcome", outcome) == expected
+    hub.drop_stuck_streams()  # `ready` was never taken: stuck
+    hub.close(missing)
+    hub.close(unavailable)
+    assert ready not in hub.streams
+    left, ending = hub.open([]), hub.open([])
+    hub.close(left)
+    hub.begin_shutdown()
+    hub.close(ending)
+    for reason, expected in (("stuck", 1), ("error", 2), ("client_left", 1), ("shutdown", 1)):
+        assert count("ended", "reason", reason) == expected

@@ -66,10 +66,10 @@ class Service:
             asyncio.ensure_future(every(METRICS_FLUSH_INTERVAL, self.flush_metrics)),
         ]
 
-    def tick(self, lateness: float) -> None:
+    async def tick(self, lateness: float) -> None:
         self.metrics.tick_lateness.observe(lateness)
         self.hub.drop_stuck_streams()
-        self.hub.ping_streams()
+        await self.hub.ping_streams()
 
     def flush_metrics(self, lateness: float = 0.0) -> None:
         self.hub.counts.broker_reconnects = self.broker.reconnects
@@ -143,7 +143,7 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
     async def heartbeat() -> Response:
         """For a readiness probe: 503 while the broker connection is down."""
         if broker.is_connected:
-            return _json({"broker": "connected"})
+            return _json({"broker": "connected", "node": broker.node})
         return _json({"broker": "disconnected: reconnecting"}, 503)
 
     async def version() -> Response:
@@ -201,6 +201,11 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
     config.graceful_timeout = settings.server.shutdown_grace
     # Room for a long request line (Taskcluster clients' bindings are ~2 KB each) plus headers.
     config.h11_max_incomplete_size = settings.server.max_request_line + 16 * 1024
+    if settings.server.certfile is not None and settings.server.keyfile is not None:
+        # TLS, and HTTP/2 by ALPN for clients that ask (a browser holds only six HTTP/1.1
+        # connections per origin: a page with several streams needs HTTP/2).
+        config.certfile = str(settings.server.certfile)
+        config.keyfile = str(settings.server.keyfile)
     return config
 
 
@@ -240,14 +245,15 @@ async def serve_app(app: Quart, reuse_port: bool = False) -> None:
         timeout_ms = int(server.write_timeout * 1000)
         listeners[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
     host, port = listeners[0].getsockname()[:2]
+    scheme = "https" if server.certfile is not None else "http"
     log.info(
-        "listening on http://%s:%s, RabbitMQ at %s:%s vhost %s, queue %s",
+        "listening on %s://%s:%s, RabbitMQ node %s vhost %s, queue %s",
+        scheme,
         host,
         port,
-        pulse.hostname,
-        pulse.amqp_port,
+        service.broker.node or "(not connected yet)",
         pulse.vhost,
-        service.broker.queue_name,
+        service.broker.queue_name or "(none yet)",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

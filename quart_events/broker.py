@@ -53,9 +53,11 @@ def _raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def describe_connect_error(settings: PulseSettings, error: BaseException) -> str:
+def describe_connect_error(
+    settings: PulseSettings, error: BaseException, node: tuple[str, int]
+) -> str:
     """One line for an operator: where, and why, without the password."""
-    where = f"RabbitMQ at {settings.hostname}:{settings.amqp_port}"
+    where = f"RabbitMQ at {node[0]}:{node[1]}"
     if isinstance(
         error, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
     ):
@@ -77,10 +79,17 @@ def describe_connect_error(settings: PulseSettings, error: BaseException) -> str
 
 
 async def check_broker(settings: PulseSettings) -> None:
-    """Connect once and leave: ``BrokerUnavailable`` (one line for the operator) if that fails."""
+    """Connect once (to any node) and leave: ``BrokerUnavailable`` if no node answers."""
     broker = Broker(settings, name="tc-events check")
-    await broker._connect()
-    await broker._drop_connection()
+    for attempt in range(len(settings.nodes)):
+        try:
+            await broker._connect()
+        except BrokerUnavailable:
+            if attempt == len(settings.nodes) - 1:
+                raise
+        else:
+            await broker._drop_connection()
+            return
 
 
 class Broker:
@@ -103,6 +112,8 @@ class Broker:
         self.on_delivery: DeliveryHandler = lambda *_: None
         self.on_connected: Callable[[], None] = lambda: None
         self.queue_name = ""
+        self.node = ""  # the host of the current connection (never credentials)
+        self._next_node = random.randrange(len(settings.nodes))  # instances spread over nodes
         self.generation = 0
         self.reconnects = 0
         self._settings_source = settings_source
@@ -150,6 +161,9 @@ class Broker:
     async def _connect(self) -> None:
         """One attempt; whatever goes wrong is ``BrokerUnavailable``, nothing is left open."""
         settings = self._current_settings()
+        nodes = settings.nodes
+        host, port = node = nodes[self._next_node % len(nodes)]
+        self._next_node += 1  # the next attempt, or the reconnect after a loss: another node
         queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
         connection: AbstractConnection | None = None
         try:
@@ -158,8 +172,8 @@ class Broker:
                 cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
                 context = ssl.create_default_context(cafile=cafile)
             connection = await aio_pika.connect(
-                host=settings.hostname,
-                port=settings.amqp_port,
+                host=host,
+                port=port,
                 login=settings.username,
                 password=settings.password.get_secret_value(),
                 virtualhost=settings.vhost,
@@ -177,10 +191,11 @@ class Broker:
             if connection is not None:
                 with contextlib.suppress(Exception):
                     await connection.close()
-            raise BrokerUnavailable(describe_connect_error(settings, error)) from error
+            raise BrokerUnavailable(describe_connect_error(settings, error, node)) from error
         self._connection, self._consume_channel = connection, channel
         self._bind_channel = None
         self.queue_name = queue_name
+        self.node = host
         self.generation += 1
         connection.close_callbacks.add(self._on_close)
         channel.close_callbacks.add(self._on_close)
@@ -188,8 +203,8 @@ class Broker:
         self._connected.set()
         log.info(
             "connected to RabbitMQ at %s:%s (connection %d), queue %s",
-            settings.hostname,
-            settings.amqp_port,
+            host,
+            port,
             self.generation,
             queue_name,
         )

@@ -94,6 +94,18 @@ def main(context: click.Context, debug: bool) -> None:
     default=None,
     help="Least important log lines shown (server.log_level).",
 )
+@click.option(
+    "--certfile",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM certificate: serve TLS and HTTP/2 (server.certfile; needs --keyfile).",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM private key of --certfile (server.keyfile).",
+)
 @click.option("--worker-index", type=int, default=None, hidden=True)
 @click.pass_context
 def server(
@@ -104,10 +116,19 @@ def server(
     port: int | None,
     workers: int | None,
     log_level: str | None,
+    certfile: Path | None,
+    keyfile: Path | None,
     worker_index: int | None,
 ) -> None:
     """Run the events service until SIGTERM or SIGINT."""
-    options = {"host": host, "port": port, "workers": workers, "log_level": log_level}
+    options = {
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "log_level": log_level,
+        "certfile": certfile,
+        "keyfile": keyfile,
+    }
     overrides = {key: value for key, value in options.items() if value is not None}
     if worker_index is not None:
         overrides["workers"] = 1

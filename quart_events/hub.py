@@ -27,6 +27,7 @@ from .stream import Stream, no_op
 from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
+PING_BATCH = 250  # streams pinged per event-loop turn
 
 
 class Hub:
@@ -173,10 +174,15 @@ class Hub:
 
     # -- the timer's work ------------------------------------------------------------
 
-    def ping_streams(self) -> None:
+    async def ping_streams(self) -> None:
+        """Ping every stream, a batch per event-loop turn: with thousands of streams the
+        loop keeps answering other requests (health probes, new streams) meanwhile."""
         frame = sse.ping()
-        for stream in list(self.streams):
-            self._push(stream, frame)
+        streams = list(self.streams)
+        for start in range(0, len(streams), PING_BATCH):
+            for stream in streams[start : start + PING_BATCH]:
+                self._push(stream, frame)  # a stream that ended meanwhile ignores it
+            await asyncio.sleep(0)
 
     def drop_stuck_streams(self) -> None:
         """End streams whose client took nothing for ``write_timeout``: gone or stuck."""

@@ -80,6 +80,17 @@ class ServerSettings(BaseModel):
     log_level: Literal["debug", "info", "warning", "error"]
     log_format: Literal["text", "json"]
     log_client_address: bool
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile go together (TLS needs both)")
+        for path in (self.certfile, self.keyfile):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} is not a readable file")
+        return self
 
     @model_validator(mode="after")
     def _retry_window(self) -> ServerSettings:
@@ -96,11 +107,28 @@ class ServerSettings(BaseModel):
 
 
 AMQP_PORT, AMQPS_PORT = 5672, 5671
-# A host name or an IP address, as aio-pika puts it into a URL; no port, scheme or list.
-HOSTNAME = re.compile(
-    r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?"  # a name or an IPv4 address
-    r"|\[?[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*\]?"  # an IPv6 address
+# One node of `pulse.hostname`: a host name or IPv4 address with an optional port, an
+# IPv6 address in brackets with an optional port, or a bare IPv6 address.
+NODE = re.compile(
+    r"(?P<host>[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[(?P<v6>[0-9A-Fa-f:.]+)\])"
+    r"(:(?P<port>[0-9]{1,5}))?"
+    r"|(?P<bare>[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)"
 )
+
+
+def parse_nodes(value: str) -> list[tuple[str, int | None]]:
+    """``host``, ``host:port``, ``[v6]:port`` entries, comma-separated; ``ValueError`` if not."""
+    nodes: list[tuple[str, int | None]] = []
+    for entry in value.split(","):
+        match = NODE.fullmatch(entry.strip())
+        port = int(match["port"]) if match and match["port"] else None
+        if match is None or (port is not None and not 1 <= port <= 65535):
+            raise ValueError(
+                "must be one or more broker nodes, each `host` or `host:port`, "
+                "separated by commas (no scheme)"
+            )
+        nodes.append((match["v6"] or match["bare"] or match["host"], port))
+    return nodes
 
 
 class PulseSettings(BaseModel):
@@ -125,10 +153,14 @@ class PulseSettings(BaseModel):
 
     @field_validator("hostname")
     @classmethod
-    def _one_host(cls, value: str) -> str:
-        if not HOSTNAME.fullmatch(value):
-            raise ValueError("must be one host name or IP address, without a port or scheme")
+    def _nodes(cls, value: str) -> str:
+        parse_nodes(value)
         return value
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """The broker's nodes (a cluster may have several), each with its port."""
+        return [(host, port or self.amqp_port) for host, port in parse_nodes(self.hostname)]
 
     @property
     def amqp_port(self) -> int:

@@ -47,6 +47,34 @@ def bindings_param(bindings: Sequence[dict[str, Any]] | Any) -> str:
     return json.dumps({"bindings": bindings})
 
 
+def connect_target(bindings: Sequence[dict[str, Any]] | Any) -> str:
+    """The request target (path and query) of a stream with ``bindings``."""
+    return "/api/events/v1/connect/?" + urllib.parse.urlencode(
+        {"bindings": bindings_param(bindings)}
+    )
+
+
+def taskcluster_style_target(exchange: str, target_length: int) -> str:
+    """A connect request target of exactly ``target_length`` bytes, made of bindings
+    shaped like the JS client's (each with a ``routingKeyReference``); binding
+    ``p<n>.#`` for n = 0, 1, ..."""
+    reference = [{"name": f"key{i}", "multipleWords": False, "required": False} for i in range(10)]
+    bindings: list[dict[str, object]] = []
+    while len(connect_target(bindings)) < target_length - 2000:
+        bindings.append(
+            {
+                "exchange": exchange,
+                "routingKeyPattern": f"p{len(bindings)}.#",
+                "routingKeyReference": reference,
+            }
+        )
+    bindings[0]["pad"] = ""
+    bindings[0]["pad"] = "a" * (target_length - len(connect_target(bindings)))
+    target = connect_target(bindings)
+    assert len(target) == target_length
+    return target
+
+
 @dataclass
 class EventsServer:
     """A ``tc-events server`` process with its own queue namespace."""
@@ -65,9 +93,7 @@ class EventsServer:
     def url(
         self, bindings: Sequence[dict[str, Any]] | Any, path: str = "/api/events/v1/connect/"
     ) -> str:
-        return f"{self.base}{path}?" + urllib.parse.urlencode(
-            {"bindings": bindings_param(bindings)}
-        )
+        return self.base + connect_target(bindings).replace("/api/events/v1/connect/", path, 1)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

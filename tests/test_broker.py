@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,62 +250,6 @@ async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
         assert len([r for r in caplog.records if "retrying in" in r.getMessage()]) == 3
     finally:
         await broker.close()
-
-
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """A throw-away CA and a certificate for localhost signed by it: (ca, cert, key)."""
-    where = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=where, check=True, capture_output=True)
-
-    openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    )
-    openssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    )
-    (where / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    )
-    return where / "ca.pem", where / "server.pem", where / "server.key"
 
 
 async def test_pulse_amqps_connects_with_tls(

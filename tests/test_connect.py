@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import aio_pika
 import httpx
 import pytest
-from helpers import EventsServer, SSEReader, publish, wait_until
+from helpers import EventsServer, SSEReader, publish, taskcluster_style_target, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -285,35 +285,11 @@ async def test_no_binding_is_left_after_streams_close(
     await wait_until(lambda: not server.broker_bindings(), timeout=15, interval=0.5)
 
 
-def taskcluster_style_url(server: EventsServer, exchange: str, target_length: int) -> str:
-    """A connect URL whose request target is exactly ``target_length`` bytes, made of
-    bindings shaped like the JS client's (each with a ``routingKeyReference``)."""
-    reference = [{"name": f"key{i}", "multipleWords": False, "required": False} for i in range(10)]
-    bindings: list[dict[str, object]] = []
-    while True:
-        bindings.append(
-            {
-                "exchange": exchange,
-                "routingKeyPattern": f"p{len(bindings)}.#",
-                "routingKeyReference": reference,
-            }
-        )
-        url = server.url(bindings)
-        if len(url) - len(server.base) > target_length - 2000:
-            break
-    bindings[0]["pad"] = ""
-    shortfall = target_length - (len(server.url(bindings)) - len(server.base))
-    bindings[0]["pad"] = "a" * shortfall
-    url = server.url(bindings)
-    assert len(url) - len(server.base) == target_length
-    return url
-
-
 async def test_a_32_kib_request_line_is_served(
     server: EventsServer, exchange: aio_pika.abc.AbstractExchange
 ) -> None:
     # "GET " + target + " HTTP/1.1" is 32 KiB.
-    url = taskcluster_style_url(server, exchange.name, 32 * 1024 - len("GET  HTTP/1.1"))
+    url = server.base + taskcluster_style_target(exchange.name, 32 * 1024 - len("GET  HTTP/1.1"))
     async with SSEReader(url) as reader:
         await reader.wait_for("ready")
         await publish(exchange, "p25.z", b"{}")

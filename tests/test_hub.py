@@ -167,7 +167,7 @@ async def test_stuck_streams_are_dropped_and_the_others_pinged() -> None:
     fine.take()
     await asyncio.sleep(0.1)
     hub.drop_stuck_streams()
-    hub.ping_streams()
+    await hub.ping_streams()
     assert stuck.finished and stuck not in hub.streams and hub.stats()["stuck"] == 1
     assert fine.frames[0].startswith(b"event: ping\n")
 

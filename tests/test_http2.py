@@ -1,0 +1,172 @@
+"""TLS and HTTP/2 (`--certfile`, `--keyfile`): many streams over one connection.
+
+The certificates are made by the test (conftest's ``certificates``): a throw-away
+CA and a certificate for localhost signed by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import pytest
+from helpers import EventsServer, connect_target, publish, wait_until
+from httpx_sse import aconnect_sse
+
+pytestmark = pytest.mark.broker
+
+Certificates = tuple[Path, Path, Path]
+
+
+@pytest.fixture(scope="module")
+def tls_server(certificates: Certificates) -> Iterator[EventsServer]:
+    _, cert, key = certificates
+    env = {"TC_EVENTS_SERVER__WRITE_TIMEOUT": "3", "TC_EVENTS_SERVER__BUFFER_BYTES": "65536"}
+    with EventsServer.running(env, args=["--certfile", str(cert), "--keyfile", str(key)]) as server:
+        yield server
+
+
+def https(server: EventsServer) -> str:
+    return f"https://localhost:{server.port}"
+
+
+def stats(server: EventsServer, certificates: Certificates) -> dict[str, int]:
+    response = httpx.get(f"{https(server)}/api/events/v1/__stats__", verify=str(certificates[0]))
+    return dict(response.json())
+
+
+async def follow(client: httpx.AsyncClient, url: str, events: list[str]) -> None:
+    async with aconnect_sse(client, "GET", url) as source:
+        assert source.response.http_version == "HTTP/2"
+        async for event in source.aiter_sse():
+            events.append(event.event if event.event != "message" else event.data)
+
+
+async def test_a_hundred_streams_over_one_http2_connection(
+    tls_server: EventsServer, certificates: Certificates, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    server = tls_server
+    limits = httpx.Limits(max_connections=1)
+    async with httpx.AsyncClient(
+        http2=True, verify=str(certificates[0]), limits=limits, timeout=httpx.Timeout(30, read=None)
+    ) as client:
+        streams: list[list[str]] = [[] for _ in range(100)]
+        tasks = [
+            asyncio.ensure_future(
+                follow(
+                    client,
+                    https(server)
+                    + connect_target([{"exchange": exchange.name, "routingKeyPattern": f"s{n}.#"}]),
+                    events,
+                )
+            )
+            for n, events in enumerate(streams)
+        ]
+        try:
+            await wait_until(lambda: all("ready" in events for events in streams), timeout=20)
+            await publish(exchange, "s0.x.y", b'{"all": "of them"}')
+            for n in range(100):
+                await publish(exchange, f"s{n}.only", b'{"n": %d}' % n)
+
+            def delivered() -> bool:
+                return all(sum(1 for e in events if e.startswith("{")) >= 1 for events in streams)
+
+            await wait_until(delivered, timeout=20)
+            # One stream closed by its client: its binding goes; the others go on.
+            assert (exchange.name, "s7.#") in server.broker_bindings()
+            tasks[7].cancel()
+            await wait_until(
+                lambda: (exchange.name, "s7.#") not in server.broker_bindings(), 20, 0.5
+            )
+            await publish(exchange, "s8.again", b'"still here"')
+            await wait_until(lambda: '"still here"' in "".join(streams[8]), timeout=10)
+            assert stats(server, certificates)["streams"] == 99
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for n, events in enumerate(streams):
+        payloads = [json.loads(e)["payload"] for e in events if e.startswith("{")]
+        assert {"n": n} in payloads or n == 7
+
+
+def test_http11_clients_are_still_served_over_tls(
+    tls_server: EventsServer, certificates: Certificates
+) -> None:
+    with httpx.Client(verify=str(certificates[0]), timeout=10) as client:
+        with client.stream("GET", https(tls_server) + connect_target([])) as response:
+            assert response.http_version == "HTTP/1.1" and response.status_code == 200
+            assert next(response.iter_raw()).startswith(b"event: ready")
+
+
+class StalledHttp2Stream:
+    """One HTTP/2 stream whose reader reads the socket but never gives the window back."""
+
+    def __init__(self, server: EventsServer, ca: Path, target: str) -> None:
+        context = ssl.create_default_context(cafile=str(ca))
+        context.set_alpn_protocols(["h2"])
+        raw = socket.create_connection(("localhost", server.port), 5)
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.connection.initiate_connection()
+        headers = [
+            (":method", "GET"),
+            (":path", target),
+            (":scheme", "https"),
+            (":authority", f"localhost:{server.port}"),
+        ]
+        self.connection.send_headers(1, headers, end_stream=True)
+        self.sock.sendall(self.connection.data_to_send())
+        self.received = b""
+
+    def read_for(self, seconds: float) -> None:
+        """Read frames (and answer pings) but never acknowledge the data."""
+        self.sock.settimeout(0.2)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                return
+            for event in self.connection.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.received += event.data
+            self.sock.sendall(self.connection.data_to_send())
+
+
+async def test_the_slow_client_limit_holds_under_http2_flow_control(
+    tls_server: EventsServer, certificates: Certificates, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    server = tls_server
+    before = stats(server, certificates)
+    slow = StalledHttp2Stream(
+        server,
+        certificates[0],
+        connect_target([{"exchange": exchange.name, "routingKeyPattern": "slow.#"}]),
+    )
+    reading = asyncio.ensure_future(asyncio.to_thread(slow.read_for, 30))
+    try:
+        await wait_until(lambda: b"event: ready" in slow.received, timeout=10)
+        body = json.dumps({"pad": "x" * 10_000}).encode()
+        for n in range(100):  # 1 MB: past the stream window (64 KiB) and the buffer (64 KiB)
+            await publish(exchange, f"slow.{n}", body)
+        await wait_until(lambda: stats(server, certificates)["too_slow"] > before["too_slow"])
+        # Its frames can never go out: it is dropped after write_timeout, binding and all.
+        await wait_until(lambda: stats(server, certificates)["streams"] == before["streams"], 20)
+        await wait_until(lambda: (exchange.name, "slow.#") not in server.broker_bindings(), 20)
+    finally:
+        slow.sock.close()
+        await asyncio.gather(reading, return_exceptions=True)

@@ -1,0 +1,179 @@
+"""Behind a real nginx (Debian's package), configured with the file in docs/deploying.md.
+
+The configuration is read from the document and only its ports (and, for one test,
+its read timeout) are changed, so the document cannot drift from what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import httpx
+import pytest
+from browser import Browser
+from helpers import (
+    ROOT,
+    EventsServer,
+    SSEReader,
+    connect_target,
+    free_port,
+    publish,
+    taskcluster_style_target,
+    wait_for_port,
+)
+
+pytestmark = pytest.mark.broker
+
+UPSTREAM, LISTEN, READ_TIMEOUT = (
+    "server 127.0.0.1:12345;",
+    "listen 8080;",
+    "proxy_read_timeout 60s;",
+)
+
+
+def documented_config(upstream_port: int, port: int, read_timeout: str | None = None) -> str:
+    """The nginx configuration of docs/deploying.md, with these ports."""
+    text = (ROOT / "docs" / "deploying.md").read_text()
+    match = re.search(r"```nginx\n(.*?)```", text, re.DOTALL)
+    assert match, "docs/deploying.md has no nginx configuration"
+    config = match.group(1)
+    for placeholder in (UPSTREAM, LISTEN, READ_TIMEOUT):
+        assert placeholder in config, f"docs/deploying.md lost `{placeholder}`"
+    config = config.replace(UPSTREAM, f"server 127.0.0.1:{upstream_port};")
+    config = config.replace(LISTEN, f"listen 127.0.0.1:{port};")
+    if read_timeout is not None:
+        config = config.replace(READ_TIMEOUT, f"proxy_read_timeout {read_timeout};")
+    return config
+
+
+@contextlib.contextmanager
+def nginx(upstream_port: int, read_timeout: str | None = None) -> Iterator[str]:
+    """A real nginx in front of ``upstream_port``; yields its base URL."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        raise RuntimeError("Debian's nginx is not installed: run ./dev install")
+    prefix = Path(tempfile.mkdtemp(prefix="tc-events-nginx-"))
+    (prefix / "logs").mkdir()
+    port = free_port()
+    (prefix / "nginx.conf").write_text(documented_config(upstream_port, port, read_timeout))
+    process = subprocess.Popen(
+        [
+            binary,
+            "-p",
+            str(prefix),
+            "-c",
+            str(prefix / "nginx.conf"),
+            "-g",
+            f"daemon off; user root; pid {prefix}/nginx.pid; error_log {prefix}/error.log;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_port(port, process)  # type: ignore[arg-type]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.send_signal(signal.SIGQUIT)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+async def test_headers_through_nginx_are_as_direct(server: EventsServer) -> None:
+    with nginx(server.port) as proxied:
+        async with httpx.AsyncClient(timeout=5) as client:
+            heads = []
+            for base in (server.base, proxied):
+                async with client.stream("GET", base + connect_target([])) as response:
+                    assert response.status_code == 200
+                    heads.append(
+                        {
+                            name: response.headers.get(name)
+                            for name in (
+                                "content-type",
+                                "cache-control",
+                                "x-accel-buffering",
+                                "access-control-allow-origin",
+                            )
+                        }
+                    )
+    direct, through = heads
+    assert through == direct and direct["x-accel-buffering"] == "no"
+
+
+async def test_a_message_arrives_at_once_with_nginx_buffering_at_its_default(
+    server: EventsServer, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    binding = [{"exchange": exchange.name, "routingKeyPattern": "#"}]
+    with nginx(server.port) as proxied:
+        async with SSEReader(proxied + connect_target(binding)) as reader:
+            await reader.wait_for("ready")
+            delays = []
+            for n in range(5):
+                sent = time.monotonic()
+                await publish(exchange, "k", json.dumps({"n": n}).encode())
+                await reader.wait_for("message", n + 1, timeout=5)
+                delays.append(time.monotonic() - sent)
+    # A buffered stream would hold a small message until its buffer filled (seconds).
+    assert sorted(delays)[2] < 0.1, f"delays through nginx: {delays}"
+
+
+async def test_a_stream_outlives_nginx_read_timeout_because_pings_come_more_often(
+    server: EventsServer,
+) -> None:
+    # The test profile pings every second; nginx gives up on a silent upstream after 2 s.
+    with nginx(server.port, read_timeout="2s") as proxied:
+        async with SSEReader(proxied + connect_target([])) as reader:
+            await reader.wait_for("ready")
+            await asyncio.sleep(5)
+            assert not reader.ended.is_set() and len(reader.named("ping")) >= 4
+
+
+async def test_a_32_kib_request_line_passes_through_nginx(
+    server: EventsServer, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    target = taskcluster_style_target(exchange.name, 32 * 1024 - len("GET  HTTP/1.1"))
+    with nginx(server.port) as proxied:
+        async with SSEReader(proxied + target) as reader:
+            await reader.wait_for("ready")
+            await publish(exchange, "p3.x", b"{}")
+            await reader.wait_for("message")
+
+
+@pytest.mark.browser
+async def test_sigterm_reaches_the_browser_through_nginx_as_the_reconnect_frame(
+    exchange: aio_pika.abc.AbstractExchange,
+) -> None:
+    port = free_port()
+    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "1000", "TC_EVENTS_SERVER__RETRY_MAX_MS": "1500"}
+    first = EventsServer.start(env, port=port)
+    second = None
+    try:
+        with nginx(port) as proxied:
+            binding = [{"exchange": exchange.name, "routingKeyPattern": "#"}]
+            with Browser.following(proxied + connect_target(binding)) as browser:
+                await browser.wait_for("ready")
+                assert await asyncio.to_thread(first.stop) == 0
+                second = EventsServer.start(port=port)  # the next instance behind nginx
+                await browser.wait_for("ready", 2)
+                assert browser.kinds().count("open") == 2  # it came back by itself
+                await publish(exchange, "after", b'"through nginx"')
+                await browser.wait_for("message")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()

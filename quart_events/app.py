@@ -20,6 +20,7 @@ from importlib import metadata
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol import h2 as hypercorn_h2
 from quart import Quart, Response
 
 from .broker import Broker
@@ -189,6 +190,28 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+async def _pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
+    """hypercorn's HTTP/2 stream buffer, with writers held back while it is full.
+
+    hypercorn (0.18) lets writers go on whenever it takes a short chunk out of the
+    buffer, and with the client's flow-control window at zero it takes empty chunks
+    over and over: a stream whose client stopped reading buffered without bound, and
+    our slow-client limit never saw it. Here writers go on only once the buffer has
+    drained below its low-water mark, as its high-water mark intends.
+    """
+    length = min(len(self.buffer), max_length)
+    data = bytes(self.buffer[:length])
+    del self.buffer[:length]
+    if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
+        await self._paused.set()
+    if not self.buffer:
+        await self._is_empty.set()
+    return data
+
+
+hypercorn_h2.StreamBuffer.pop = _pop_with_backpressure  # type: ignore[method-assign]
 
 
 def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:

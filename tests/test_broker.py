@@ -296,3 +296,10 @@ def test_pulse_amqps_defaults_to_the_amqps_port(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("PULSE_AMQPS", "false")
     monkeypatch.delenv("PULSE_PORT")
     assert load_settings("test").pulse.amqp_port == 5672
+
+
+def test_instances_start_on_nodes_picked_at_random_and_move_on_after_a_failure() -> None:
+    settings = load_settings("test", overrides={"pulse": {"hostname": "a:1,b:2,c"}})
+    assert settings.pulse.nodes == [("a", 1), ("b", 2), ("c", 5672)]
+    firsts = {Broker(settings.pulse)._next_node % 3 for _ in range(60)}
+    assert firsts == {0, 1, 2}  # instances spread over the nodes

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import os
 import resource
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -45,7 +46,7 @@ async def hold(port: int, streams: int, http2: bool, cert: Path) -> list[asyncio
     clients = [
         httpx.AsyncClient(
             http2=http2,
-            verify=str(cert),
+            verify=ssl.create_default_context(cafile=str(cert)),
             limits=httpx.Limits(max_connections=1),
             timeout=httpx.Timeout(60, read=None),
         )

@@ -75,7 +75,8 @@ async def test_health_endpoints(server: EventsServer) -> None:
     async with httpx.AsyncClient(base_url=server.base, timeout=5) as client:
         assert (await client.get("/__lbheartbeat__")).status_code == 200
         heartbeat = await client.get("/__heartbeat__")
-        assert heartbeat.status_code == 200 and heartbeat.json() == {"broker": "connected"}
+        assert heartbeat.status_code == 200
+        assert heartbeat.json() == {"broker": "connected", "node": "localhost"}
         version = (await client.get("/__version__")).json()
         assert version["version"] == metadata.version("quart_events") and version["source"]
         first = (await client.get("/api/events/v1/ping")).json()

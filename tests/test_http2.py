@@ -36,12 +36,17 @@ def tls_server(certificates: Certificates) -> Iterator[EventsServer]:
         yield server
 
 
+def trusting(certificates: Certificates) -> ssl.SSLContext:
+    """A client context that trusts the test's CA."""
+    return ssl.create_default_context(cafile=str(certificates[0]))
+
+
 def https(server: EventsServer) -> str:
     return f"https://localhost:{server.port}"
 
 
 def stats(server: EventsServer, certificates: Certificates) -> dict[str, int]:
-    response = httpx.get(f"{https(server)}/api/events/v1/__stats__", verify=str(certificates[0]))
+    response = httpx.get(f"{https(server)}/api/events/v1/__stats__", verify=trusting(certificates))
     return dict(response.json())
 
 
@@ -58,7 +63,10 @@ async def test_a_hundred_streams_over_one_http2_connection(
     server = tls_server
     limits = httpx.Limits(max_connections=1)
     async with httpx.AsyncClient(
-        http2=True, verify=str(certificates[0]), limits=limits, timeout=httpx.Timeout(30, read=None)
+        http2=True,
+        verify=trusting(certificates),
+        limits=limits,
+        timeout=httpx.Timeout(30, read=None),
     ) as client:
         streams: list[list[str]] = [[] for _ in range(100)]
         tasks = [
@@ -95,7 +103,7 @@ async def test_a_hundred_streams_over_one_http2_connection(
 def test_http11_clients_are_still_served_over_tls(
     tls_server: EventsServer, certificates: Certificates
 ) -> None:
-    with httpx.Client(verify=str(certificates[0]), timeout=10) as client:
+    with httpx.Client(verify=trusting(certificates), timeout=10) as client:
         with client.stream("GET", https(tls_server) + connect_target([])) as response:
             assert response.http_version == "HTTP/1.1" and response.status_code == 200
             assert next(response.iter_raw()).startswith(b"event: ready")

@@ -159,7 +159,9 @@ async def test_sigterm_reaches_the_browser_through_nginx_as_the_reconnect_frame(
     exchange: aio_pika.abc.AbstractExchange,
 ) -> None:
     port = free_port()
-    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "1000", "TC_EVENTS_SERVER__RETRY_MAX_MS": "1500"}
+    # The browser comes back after 4 to 5 s: the next instance is up by then (else
+    # nginx would answer 502, and an EventSource stops for good on that).
+    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "4000", "TC_EVENTS_SERVER__RETRY_MAX_MS": "5000"}
     first = EventsServer.start(env, port=port)
     second = None
     try:

@@ -17,7 +17,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import Any
 
+import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.protocol import h2 as hypercorn_h2
@@ -212,6 +214,26 @@ async def _pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: in
 
 
 hypercorn_h2.StreamBuffer.pop = _pop_with_backpressure  # type: ignore[method-assign]
+
+TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdown
+
+
+class _AsyncioForHypercorn:
+    """asyncio as hypercorn's ``serve`` sees it, but TLS connections are given up within
+    a second when they close: asyncio waits up to 30 s for the client's close_notify,
+    and an idle HTTP/2 client that does not answer held every shutdown that long."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_shutdown_timeout", TLS_CLOSE_TIMEOUT)
+        return await asyncio.start_server(*args, **kwargs)
+
+
+hypercorn_run.asyncio = _AsyncioForHypercorn()  # type: ignore[assignment,attr-defined]
 
 
 def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:

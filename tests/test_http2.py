@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import ssl
 import time
@@ -218,3 +219,34 @@ async def test_the_slow_client_limit_holds_under_http2_flow_control(
     finally:
         slow.sock.close()
         await asyncio.gather(reading, return_exceptions=True)
+
+
+async def test_sigterm_with_http2_clients_connected_ends_within_the_grace_period(
+    certificates: Certificates,
+) -> None:
+    _, cert, key = certificates
+    env = {"TC_EVENTS_SERVER__SHUTDOWN_GRACE": "3"}
+    server = EventsServer.start(env, args=["--certfile", str(cert), "--keyfile", str(key)])
+    ends: list[bytes] = []
+
+    async def follow(client: httpx.AsyncClient) -> None:
+        async with client.stream("GET", https(server) + connect_target([])) as response:
+            async for chunk in response.aiter_raw():
+                ends.append(chunk)
+
+    client = httpx.AsyncClient(
+        http2=True, verify=trusting(certificates), timeout=httpx.Timeout(30, read=None)
+    )
+    try:
+        streams = [asyncio.ensure_future(follow(client)) for _ in range(3)]
+        await wait_until(lambda: len(ends) >= 3)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        # The client keeps its connection and never answers the TLS close: no matter.
+        assert await asyncio.to_thread(server.process.wait, 30) == 0
+        assert time.monotonic() - started < 3 + 2
+        await asyncio.gather(*streams, return_exceptions=True)
+        assert ends[-1].endswith(b"\n\n") and b"id:\nretry: " in b"".join(ends)
+    finally:
+        await client.aclose()
+        server.stop()

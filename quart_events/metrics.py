@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,29 +69,26 @@ class Metrics:
         def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, text, labels, registry=registry)
 
-        self.streams_open = Gauge(
-            "tc_events_streams_open",
-            "Open streams.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
+        def gauge(name: str, text: str, across_workers: Literal["livesum", "liveall"]) -> Gauge:
+            """``livesum``: the sum over living workers; ``liveall``: one series each."""
+            return Gauge(name, text, registry=registry, multiprocess_mode=across_workers)
+
+        self.streams_open = gauge("tc_events_streams_open", "Open streams.", "livesum")
         self.streams_opened = counter(
             "tc_events_streams_opened", "Stream requests, by outcome.", ("outcome",)
         )
         self.streams_ended = counter(
             "tc_events_streams_ended", "Streams ended, by reason.", ("reason",)
         )
-        self.bindings = Gauge(
+        self.bindings = gauge(
             "tc_events_broker_bindings",
             "Distinct bindings held on the broker (or being bound).",
-            registry=registry,
-            multiprocess_mode="livesum",
+            "livesum",
         )
-        self.broker_connected = Gauge(
+        self.broker_connected = gauge(
             "tc_events_broker_connected",
             "1 while this process is connected to the broker.",
-            registry=registry,
-            multiprocess_mode="liveall",
+            "liveall",
         )
         self.messages_received = counter(
             "tc_events_broker_messages_received", "Messages received from the broker."

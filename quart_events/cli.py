@@ -6,14 +6,11 @@ settings), 2 a usage error (click's own). Tracebacks only with ``--debug``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -22,43 +19,12 @@ from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
 from .broker import check_broker
 from .errors import BrokerUnavailable
-from .settings import DEFAULT_PROFILE, PROFILES, Settings, SettingsError, load_settings
+from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
+from .settings import Settings, load_settings
 from .supervisor import Supervisor, check_port
+from .tools import listen, publish
 
-EXIT_FAILURE = 1
 log = logging.getLogger("quart_events")
-
-
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (leaner transports, faster I/O), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
-profile_option = click.option(
-    "--profile",
-    type=click.Choice(PROFILES),
-    default=None,
-    help=f"Settings profile to apply over `defaults` (default: {DEFAULT_PROFILE}).",
-)
-config_option = click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="YAML user config with the same profiles (default: ./user-config.yml if present).",
-)
-
-
-def _settings(profile: str | None, config_file: Path | None, overrides: dict[str, Any]) -> Settings:
-    try:
-        return load_settings(profile, config_file, overrides)
-    except SettingsError as error:
-        raise click.ClickException(f"settings: {error}") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,7 +99,7 @@ def server(
     if worker_index is not None:
         overrides["workers"] = 1
     flags = {"server": overrides} if overrides else {}
-    settings = _settings(profile, config_file, flags)
+    settings = settings_of(profile, config_file, flags)
     debug = context.obj["debug"]
     logs.configure(settings.server.log_level, settings.server.log_format, debug, worker_index)
     where = f"http://{settings.server.host}:{settings.server.port}"
@@ -186,7 +152,7 @@ def check_bindings(bindings_json: str, profile: str | None, config_file: Path | 
     """
     if bindings_json == "-":
         bindings_json = sys.stdin.read()
-    settings = _settings(profile, config_file, {})
+    settings = settings_of(profile, config_file, {})
     try:
         bindings = parse_bindings(bindings_json, settings.server.limits())
     except BindingError as error:
@@ -196,3 +162,7 @@ def check_bindings(bindings_json: str, profile: str | None, config_file: Path | 
     click.echo(f"{count} binding{'s' if count != 1 else ''}, valid:")
     for binding in bindings:
         click.echo(f"  {binding.exchange}  {binding.routing_key_pattern}")
+
+
+main.add_command(listen)
+main.add_command(publish)

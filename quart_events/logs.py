@@ -11,7 +11,7 @@ import logging
 import os
 from datetime import UTC, datetime
 
-LIBRARIES = ("aio_pika", "aiormq", "hypercorn", "asyncio")
+LIBRARIES = ("aio_pika", "aiormq", "hypercorn", "asyncio", "httpx", "httpcore")
 
 
 class JsonFormatter(logging.Formatter):

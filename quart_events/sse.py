@@ -2,8 +2,8 @@
 
 Every event carries ``id: -`` like the original service: an EventSource that
 reconnects after the stream ended then sends ``Last-Event-ID`` and is answered
-204, so it stops instead of retrying bad input forever. The shutdown frame
-empties the id, so that reconnect is a fresh one.
+204, so it stops instead of retrying bad input forever. The shutdown frame (a
+``reconnect`` event) empties the id, so that reconnect is a fresh one.
 
 Data is always one line of strict JSON (no ``NaN`` or ``Infinity``, which a
 browser's ``JSON.parse`` refuses). A body that is strict JSON goes out as its own
@@ -51,9 +51,18 @@ def error(message: str) -> bytes:
     return event("error", to_json(message))
 
 
+RECONNECT = "reconnect"
+
+
 def goodbye(retry_ms: int) -> bytes:
-    """Last frame on shutdown: empty the event id and ask for a reconnect after ``retry_ms``."""
-    return f"id:\nretry: {int(retry_ms)}\n\n".encode()
+    """Last frame on shutdown (and over the stream limit): come back after ``retry_ms``.
+
+    It empties the event id, so the reconnect sends no ``Last-Event-ID`` and is not
+    answered 204. It is a dispatched event of its own type, with data: clients that
+    take the id only from a dispatched event (npm ``eventsource`` 3.x) take the empty
+    one too, and no ``message`` handler sees it (its type is not ``message``).
+    """
+    return f"event: {RECONNECT}\ndata: {{}}\nid:\nretry: {int(retry_ms)}\n\n".encode()
 
 
 # -- deliveries -------------------------------------------------------------------

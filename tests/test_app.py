@@ -68,7 +68,7 @@ async def test_a_stream_requested_once_shutdown_began_gets_the_reconnect_frame_a
                 while not received.endswith(b"\n\n"):
                     received += await asyncio.wait_for(connection.receive(), 5)
     assert connection.status_code == 200
-    assert re.fullmatch(rb"id:\nretry: \d+\n\n", received), received
+    assert re.fullmatch(rb"event: reconnect\ndata: {}\nid:\nretry: \d+\n\n", received), received
 
 
 async def test_health_endpoints(server: EventsServer) -> None:

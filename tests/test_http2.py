@@ -246,7 +246,9 @@ async def test_sigterm_with_http2_clients_connected_ends_within_the_grace_period
         assert await asyncio.to_thread(server.process.wait, 30) == 0
         assert time.monotonic() - started < 3 + 2
         await asyncio.gather(*streams, return_exceptions=True)
-        assert ends[-1].endswith(b"\n\n") and b"id:\nretry: " in b"".join(ends)
+        assert ends[-1].endswith(
+            b"\n\n"
+        ) and b"event: reconnect\ndata: {}\nid:\nretry: " in b"".join(ends)
     finally:
         await client.aclose()
         server.stop()

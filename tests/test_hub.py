@@ -179,7 +179,7 @@ async def test_shutdown_sends_a_jittered_reconnect_frame() -> None:
     retries = set()
     for stream in streams:
         last = stream.frames[-1]
-        assert last.startswith(b"id:\nretry: ") and stream.finished
+        assert last.startswith(b"event: reconnect\ndata: {}\nid:\nretry: ") and stream.finished
         retries.add(int(last.split(b"retry: ")[1]))
     assert all(100 <= r <= 200 for r in retries) and len(retries) > 1
     assert hub.shutting_down

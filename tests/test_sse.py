@@ -89,4 +89,4 @@ def test_deep_json_that_parses_is_framed_as_it_is() -> None:
 
 
 def test_goodbye_empties_the_id_and_sets_retry() -> None:
-    assert sse.goodbye(2500) == b"id:\nretry: 2500\n\n"
+    assert sse.goodbye(2500) == b"event: reconnect\ndata: {}\nid:\nretry: 2500\n\n"

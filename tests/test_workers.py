@@ -109,7 +109,9 @@ async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_fram
         assert await asyncio.to_thread(server.process.wait, 20) == 0
         assert time.monotonic() - started < 10
         for body in ended:
-            assert b"\n\nid:\nretry: " in body and body.endswith(b"\n\n")
+            assert b"\n\nevent: reconnect\ndata: {}\nid:\nretry: " in body and body.endswith(
+                b"\n\n"
+            )
         assert not queues_of(server.namespace)
         output = server.output()
         assert "Traceback" not in output and "stopping 2 workers" in output

@@ -1,0 +1,116 @@
+"""A client of the service, and a publisher the way Taskcluster publishes.
+
+``listen`` follows a stream with an SSE client library (httpx-sse), the way an
+EventSource does: it comes back after the server's reconnect frame (shutdown, or
+the stream limit) and stops on an ``error`` event. ``publish`` sends a JSON body to
+a topic exchange with the task's routes in the ``CC`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq.exceptions
+import httpx
+from httpx_sse import aconnect_sse
+
+from .bindings import parse_bindings
+from .errors import BrokerUnavailable
+from .settings import PulseSettings
+
+CONNECT_PATH = "/api/events/v1/connect/"
+
+
+class ServerError(Exception):
+    """The server ended the stream with an ``error`` event, or could not be reached."""
+
+
+@dataclass
+class Listener:
+    """Follow one stream until ``count`` messages came (0: no end)."""
+
+    url: str
+    bindings_json: str
+    on_message: Callable[[dict[str, Any]], None]
+    on_status: Callable[[str], None] = lambda _: None
+    count: int = 0
+
+    async def run(self) -> None:
+        parse_bindings(self.bindings_json)  # the server's own check, before any request
+        received = 0
+        url = self.url.rstrip("/") + CONNECT_PATH
+        timeout = httpx.Timeout(30, read=None)
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            while True:
+                retry_ms = 1000
+                try:
+                    params = {"bindings": self.bindings_json}
+                    async with aconnect_sse(client, "GET", url, params=params) as source:
+                        if source.response.status_code != 200:
+                            raise ServerError(f"the server answered {source.response.status_code}")
+                        self.on_status("connected")
+                        async for event in source.aiter_sse():
+                            if event.retry is not None:
+                                retry_ms = event.retry
+                            if event.event == "ready":
+                                self.on_status("ready: waiting for messages")
+                            elif event.event == "error":
+                                raise ServerError(json.loads(event.data))
+                            elif event.event == "message" and event.data:
+                                self.on_message(json.loads(event.data))
+                                received += 1
+                                if received == self.count:
+                                    return
+                except httpx.TransportError as error:
+                    self.on_status(f"connection lost ({type(error).__name__}); reconnecting")
+                # The stream ended without an error (shutdown, or the server was full):
+                # come back after the delay the server asked for, as an EventSource does.
+                self.on_status(f"reconnecting in {retry_ms / 1000:.1f} s")
+                await asyncio.sleep(retry_ms / 1000)
+
+
+def bindings_document(pairs: Sequence[tuple[str, str]]) -> str:
+    """The ``bindings`` JSON of (exchange, pattern) pairs."""
+    bindings = [{"exchange": e, "routingKeyPattern": p} for e, p in pairs]
+    return json.dumps({"bindings": bindings})
+
+
+async def publish(
+    settings: PulseSettings, exchange: str, routing_key: str, body: bytes, routes: Sequence[str]
+) -> None:
+    """Publish as Taskcluster does: JSON body, persistent, routes as ``CC: route.<r>``.
+
+    Raises ``BrokerUnavailable`` when no node answers, ``LookupError`` naming the
+    exchange when it does not exist.
+    """
+    host, port = settings.nodes[0]
+    try:
+        connection = await aio_pika.connect(
+            host=host,
+            port=port,
+            login=settings.username,
+            password=settings.password.get_secret_value(),
+            virtualhost=settings.vhost,
+            ssl=settings.tls,
+            timeout=settings.connect_timeout,
+        )
+    except Exception as error:
+        raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}:{port}") from error
+    async with connection:
+        channel = await connection.channel()
+        try:
+            target = await channel.get_exchange(exchange, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise LookupError(f"exchange `{exchange}` does not exist") from None
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"CC": [f"route.{route}" for route in routes]} if routes else None,
+        )
+        await target.publish(message, routing_key=routing_key)

@@ -1,0 +1,119 @@
+"""``tc-events listen`` and ``tc-events publish``: thin commands over ``client.py``.
+
+``listen`` is the tool to wait for something in a script: listen for a task's
+completion, exit on the first message. Exit codes: 0 done, 1 the server's error
+(its message on standard error) or bad input, 2 usage, 3 timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .bindings import BindingError
+from .client import Listener, ServerError, bindings_document
+from .client import publish as publish_message
+from .errors import BrokerUnavailable
+from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
+
+EXIT_TIMEOUT = 3
+
+
+def _print_message(message: dict[str, Any]) -> None:
+    if sys.stdout.isatty():  # for a person: a heading line, then the payload
+        now = datetime.now(UTC).strftime("%H:%M:%S")
+        routes = f"  routes: {', '.join(message['routes'])}" if message["routes"] else ""
+        click.echo(f"{now}  {message['exchange']}  {message['routingKey']}{routes}")
+        click.echo(json.dumps(message["payload"], indent=2, ensure_ascii=False))
+    else:  # for a program: one JSON object per line
+        click.echo(json.dumps(message, ensure_ascii=False))
+
+
+def _print_status(text: str) -> None:
+    if sys.stderr.isatty():
+        click.echo(f"\r\033[2K{text}", err=True, nl=False)
+
+
+@click.command()
+@click.argument("bindings_json", metavar="[JSON]", required=False)
+@click.option("--url", default=None, help="The server (default: the local one of the settings).")
+@click.option("--exchange", "-e", "exchanges", multiple=True, help="Exchange of a binding.")
+@click.option("--pattern", "-p", "patterns", multiple=True, help="Its routing-key pattern.")
+@click.option("--count", type=click.IntRange(0), default=0, help="Stop after N messages.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Give up after S seconds (exit 3).",
+)
+@profile_option
+@config_option
+def listen(
+    bindings_json: str | None,
+    url: str | None,
+    exchanges: tuple[str, ...],
+    patterns: tuple[str, ...],
+    count: int,
+    timeout: float | None,
+    profile: str | None,
+    config_file: Path | None,
+) -> None:
+    """Print the messages a stream with these bindings gets, one JSON object per line.
+
+    Bindings as JSON (the `bindings` query parameter; `-` or no argument reads it
+    from standard input), or as repeated `--exchange E --pattern P` pairs.
+    """
+    if exchanges or patterns:
+        if bindings_json is not None or len(exchanges) != len(patterns):
+            raise click.UsageError("give JSON, or as many --exchange as --pattern options")
+        bindings_json = bindings_document(list(zip(exchanges, patterns, strict=True)))
+    elif bindings_json in (None, "-"):
+        bindings_json = sys.stdin.read()
+    if url is None:
+        server = settings_of(profile, config_file, {}).server
+        url = f"http://{server.host}:{server.port}"
+    listener = Listener(url, bindings_json, _print_message, _print_status, count)
+    try:
+        run_loop(asyncio.wait_for(listener.run(), timeout))
+    except TimeoutError:
+        wanted = f"{count} messages" if count > 1 else "message"
+        click.echo(f"tc-events: no {wanted} within {timeout:g} s", err=True)
+        sys.exit(EXIT_TIMEOUT)
+    except (ServerError, BindingError) as error:
+        click.echo(f"tc-events: {error}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+@click.command()
+@click.argument("exchange")
+@click.argument("routing_key")
+@click.argument("body", metavar="[JSON]", required=False)
+@click.option("--route", "routes", multiple=True, help="A route: CC `route.<ROUTE>` (repeat).")
+@profile_option
+@config_option
+def publish(
+    exchange: str,
+    routing_key: str,
+    body: str | None,
+    routes: tuple[str, ...],
+    profile: str | None,
+    config_file: Path | None,
+) -> None:
+    """Publish a JSON message as Taskcluster does (body from standard input if not given)."""
+    text = sys.stdin.read() if body in (None, "-") else body
+    try:
+        json.loads(text)
+    except ValueError:
+        raise click.ClickException("the message body is not valid JSON") from None
+    pulse = settings_of(profile, config_file, {}).pulse
+    try:
+        run_loop(publish_message(pulse, exchange, routing_key, text.encode(), routes))
+    except (BrokerUnavailable, LookupError) as error:
+        click.echo(f"tc-events: {str(error).strip(chr(39))}", err=True)
+        sys.exit(EXIT_FAILURE)

@@ -1,0 +1,98 @@
+"""Every common SSE client comes back after a shutdown, and no `message` handler sees
+the shutdown frame: the npm `eventsource` package (2.x and 3.x, installed from the
+npm registry into a temporary directory) and Python's httpx-sse (through
+`tc-events listen`, in test_tools.py). Browsers: test_shutdown.py.
+
+The server is stopped (SIGTERM) and a new one started on the same port; the client
+must reconnect by itself, get a fresh `ready`, and then the next message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from helpers import ROOT, EventsServer, free_port, publish, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+CLIENT = ROOT / "tests" / "eventsource_client.mjs"
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Iterator[Path]:
+    """npm `eventsource` 2.x and 3.x, side by side (as es2 and es3)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("node and npm are needed: apt-get install nodejs npm")
+    where = Path(tempfile.mkdtemp(prefix="tc-events-npm-"))
+    try:
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund",
+             "es2@npm:eventsource@2", "es3@npm:eventsource@3"],
+            cwd=where, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        yield where / "node_modules"
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+class NodeClient:
+    def __init__(self, node_modules: Path, module: str, url: str) -> None:
+        self.lines: list[dict[str, Any]] = []
+        env = {**os.environ, "NODE_MODULES": str(node_modules), "FOLLOW_MS": "40000"}
+        self.process = subprocess.Popen(
+            ["node", str(CLIENT), module, url], env=env, stdout=subprocess.PIPE, text=True
+        )
+
+    async def collect(self) -> None:
+        assert self.process.stdout is not None
+        while line := await asyncio.to_thread(self.process.stdout.readline):
+            self.lines.append(json.loads(line))
+
+    def kinds(self) -> list[str]:
+        return [line["kind"] for line in self.lines]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.mark.parametrize("module", ["es2", "es3"])
+async def test_npm_eventsource_comes_back_after_a_shutdown(
+    node_modules: Path, module: str, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    port = free_port()
+    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "1500", "TC_EVENTS_SERVER__RETRY_MAX_MS": "2000"}
+    first = EventsServer.start(env, port=port)
+    second = None
+    client = NodeClient(
+        node_modules, module, first.url([{"exchange": exchange.name, "routingKeyPattern": "#"}])
+    )
+    reading = asyncio.ensure_future(client.collect())
+    try:
+        await wait_until(lambda: "ready" in client.kinds(), timeout=20)
+        assert await asyncio.to_thread(first.stop) == 0
+        second = EventsServer.start(port=port)  # the next instance, on the same address
+        await wait_until(lambda: client.kinds().count("ready") == 2, timeout=20)
+        await publish(exchange, "after", b'{"after": "restart"}')
+        await wait_until(lambda: "message" in client.kinds(), timeout=10)
+        (message,) = [line for line in client.lines if line["kind"] == "message"]
+        assert json.loads(message["data"])["payload"] == {"after": "restart"}
+        # `onmessage` hears the message events (their type is "message"), never the shutdown.
+        assert client.kinds().count("onmessage") == 1
+        assert client.kinds().count("open") == 2
+    finally:
+        client.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+        await asyncio.gather(reading, return_exceptions=True)

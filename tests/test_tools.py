@@ -1,0 +1,148 @@
+"""`tc-events listen` and `tc-events publish` against a real server and the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+from helpers import ROOT, EventsServer, SSEReader, declare_exchange, delete_exchange
+
+pytestmark = pytest.mark.broker
+
+
+async def tc_events(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run a ``tc-events`` command to its end."""
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "quart_events", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+async def start_listen(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "quart_events",
+        "listen",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+async def exchange_name() -> AsyncIterator[str]:
+    name = f"exchange/test/tools-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(name)
+    yield name
+    await delete_exchange(name)
+
+
+async def test_wait_for_a_task_in_a_script_listen_then_publish(
+    server: EventsServer, exchange_name: str
+) -> None:
+    """The script case: wait for one message on a task's route, exit on the first."""
+    listening = await start_listen(
+        "--url", server.base, "-e", exchange_name, "-p", "route.index.project.#", "--count", "1"
+    )
+    # The stream is ready once its binding is on the broker; then publish.
+    await asyncio.sleep(0)
+    for _ in range(100):
+        if (exchange_name, "route.index.project.#") in server.broker_bindings():
+            break
+        await asyncio.sleep(0.1)
+    done = await tc_events(
+        "publish",
+        "--profile",
+        "test",
+        exchange_name,
+        "primary.task1",
+        '{"status": "completed"}',
+        "--route",
+        "index.project.build",
+        "--route",
+        "notify.x",
+    )
+    assert done.returncode == 0, done.stderr
+    stdout, stderr = await asyncio.wait_for(listening.communicate(), 30)
+    assert listening.returncode == 0, stderr
+    (line,) = stdout.decode().splitlines()
+    message = json.loads(line)
+    assert message["payload"] == {"status": "completed"}
+    assert message["routingKey"] == "primary.task1"
+    assert message["routes"] == ["index.project.build", "notify.x"]
+
+
+async def test_listen_takes_the_bindings_json_from_stdin_and_times_out(
+    server: EventsServer, exchange_name: str
+) -> None:
+    bindings = json.dumps({"bindings": [{"exchange": exchange_name, "routingKeyPattern": "#"}]})
+    result = await tc_events("listen", "--url", server.base, "--timeout", "1.5", stdin=bindings)
+    assert result.returncode == 3
+    assert result.stderr.strip() == "tc-events: no message within 1.5 s"
+
+
+async def test_listen_reports_the_servers_error_and_exits_1(server: EventsServer) -> None:
+    missing = "exchange/test/none-such"
+    result = await tc_events("listen", "--url", server.base, "-e", missing, "-p", "#")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"tc-events: exchange `{missing}` does not exist"
+    bad = await tc_events("listen", "--url", server.base, '{"bindings": 3}')
+    assert bad.returncode == 1
+    assert "Bindings must be an array" in bad.stderr
+    usage = await tc_events("listen", "--url", server.base, "-e", "x")
+    assert usage.returncode == 2
+
+
+async def test_publish_says_when_the_exchange_does_not_exist() -> None:
+    result = await tc_events("publish", "--profile", "test", "exchange/test/none-such", "k", "{}")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "tc-events: exchange `exchange/test/none-such` does not exist"
+    not_json = await tc_events("publish", "--profile", "test", "exchange/x", "k", "{oops")
+    assert not_json.returncode == 1 and "not valid JSON" in not_json.stderr
+
+
+async def test_listen_comes_back_after_the_servers_reconnect_frame(exchange_name: str) -> None:
+    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "300", "TC_EVENTS_SERVER__RETRY_MAX_MS": "400"}
+    first = EventsServer.start(env)
+    port = first.port
+    listening = await start_listen(
+        "--url", first.base, "-e", exchange_name, "-p", "#", "--count", "1"
+    )
+    second = None
+    try:
+        async with SSEReader(first.url([])) as reader:
+            await reader.wait_for("ready")
+        await asyncio.sleep(1.5)
+        assert await asyncio.to_thread(first.stop) == 0  # every stream gets the reconnect frame
+        second = EventsServer.start(port=port)
+        for _ in range(100):
+            if second.broker_bindings():
+                break
+            await asyncio.sleep(0.1)
+        connection = await aio_pika.connect("amqp://guest:guest@127.0.0.1/")
+        async with connection:
+            channel = await connection.channel()
+            target = await channel.get_exchange(exchange_name)
+            await target.publish(aio_pika.Message(b'"after restart"'), routing_key="k")
+        stdout, stderr = await asyncio.wait_for(listening.communicate(), 30)
+        assert listening.returncode == 0, stderr
+        assert json.loads(stdout)["payload"] == "after restart"
+    finally:
+        if listening.returncode is None:
+            listening.kill()
+        first.stop()
+        if second is not None:
+            second.stop()

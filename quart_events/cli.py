@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -122,7 +121,7 @@ def server(
     except OSError as error:
         if debug:
             raise
-        reason = os.strerror(error.errno) if error.errno else str(error)
+        reason = error.strerror or str(error)
         click.echo(f"tc-events: cannot listen on {where}: {reason}", err=True)
         sys.exit(EXIT_FAILURE)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -120,3 +121,21 @@ def test_server_with_an_invalid_broker_host_names_the_setting(hostname: str) -> 
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("Error: settings: environment variable PULSE_HOSTNAME: pulse.hostname:")
     assert "each `host` or `host:port`, separated by commas" in line
+
+
+@pytest.mark.broker
+def test_workers_need_a_port_they_can_share() -> None:
+    result = run_server("--port", "0", "--workers", "2")
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1].endswith("several workers need a fixed port, not 0")
+    )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_server("--port", str(port), "--workers", "2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tc-events: cannot listen on http://127.0.0.1:{port}: Address already in use"
+    )

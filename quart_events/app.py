@@ -75,9 +75,13 @@ class Service:
         await self.hub.ping_streams()
 
     def flush_metrics(self, lateness: float = 0.0) -> None:
-        self.hub.counts.broker_reconnects = self.broker.reconnects
+        broker = self.broker
         self.metrics.flush(
-            self.hub.counts, len(self.hub.streams), len(self.shared), self.broker.is_connected
+            self.hub.counts,
+            len(self.hub.streams),
+            len(self.shared),
+            broker.is_connected,
+            broker.reconnects,
         )
 
     async def stop(self) -> None:
@@ -134,6 +138,7 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
             {
                 **hub.stats(),
                 "broker_connected": broker.is_connected,
+                "broker_reconnects": broker.reconnects,
                 "tasks": len(asyncio.all_tasks()),
                 "rss_bytes": _rss_bytes(),
             }

@@ -78,6 +78,33 @@ def describe_connect_error(
     return f"cannot reach {where}: {reason}"
 
 
+async def open_connection(
+    settings: PulseSettings, node: tuple[str, int], name: str
+) -> AbstractConnection:
+    """One AMQP connection to ``node``, with the settings' credentials and TLS;
+    ``BrokerUnavailable`` (one line for the operator, no password) if it fails."""
+    host, port = node
+    try:
+        context = None
+        if settings.tls:
+            cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
+            context = ssl.create_default_context(cafile=cafile)
+        return await aio_pika.connect(
+            host=host,
+            port=port,
+            login=settings.username,
+            password=settings.password.get_secret_value(),
+            virtualhost=settings.vhost,
+            ssl=settings.tls,
+            ssl_context=context,
+            timeout=settings.connect_timeout,
+            heartbeat=settings.heartbeat,
+            client_properties={"connection_name": name},
+        )
+    except Exception as error:  # anything: the caller retries or says one line
+        raise BrokerUnavailable(describe_connect_error(settings, error, node)) from error
+
+
 async def check_broker(settings: PulseSettings) -> None:
     """Connect once (to any node) and leave: ``BrokerUnavailable`` if no node answers."""
     broker = Broker(settings, name="tc-events check")
@@ -165,32 +192,15 @@ class Broker:
         host, port = node = nodes[self._next_node % len(nodes)]
         self._next_node += 1  # the next attempt, or the reconnect after a loss: another node
         queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
-        connection: AbstractConnection | None = None
+        connection = await open_connection(settings, node, self.name)
         try:
-            context = None
-            if settings.tls:
-                cafile = str(settings.tls_ca_file) if settings.tls_ca_file else None
-                context = ssl.create_default_context(cafile=cafile)
-            connection = await aio_pika.connect(
-                host=host,
-                port=port,
-                login=settings.username,
-                password=settings.password.get_secret_value(),
-                virtualhost=settings.vhost,
-                ssl=settings.tls,
-                ssl_context=context,
-                timeout=settings.connect_timeout,
-                heartbeat=settings.heartbeat,
-                client_properties={"connection_name": self.name},
-            )
             channel = await connection.channel(publisher_confirms=False)
             await self._declare_and_consume(await channel.get_underlay_channel(), queue_name)
             if connection.is_closed:
                 raise ConnectionError("the connection closed while it was set up")
         except Exception as error:  # anything: the supervisor retries, the CLI says one line
-            if connection is not None:
-                with contextlib.suppress(Exception):
-                    await connection.close()
+            with contextlib.suppress(Exception):
+                await connection.close()
             raise BrokerUnavailable(describe_connect_error(settings, error, node)) from error
         self._connection, self._consume_channel = connection, channel
         self._bind_channel = None

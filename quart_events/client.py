@@ -20,6 +20,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 from .bindings import parse_bindings
+from .broker import open_connection
 from .errors import BrokerUnavailable
 from .settings import PulseSettings
 
@@ -88,19 +89,15 @@ async def publish(
     Raises ``BrokerUnavailable`` when no node answers, ``LookupError`` naming the
     exchange when it does not exist.
     """
-    host, port = settings.nodes[0]
-    try:
-        connection = await aio_pika.connect(
-            host=host,
-            port=port,
-            login=settings.username,
-            password=settings.password.get_secret_value(),
-            virtualhost=settings.vhost,
-            ssl=settings.tls,
-            timeout=settings.connect_timeout,
-        )
-    except Exception as error:
-        raise BrokerUnavailable(f"cannot reach RabbitMQ at {host}:{port}") from error
+    connection = None
+    for node in settings.nodes:  # the first node of the cluster that answers
+        try:
+            connection = await open_connection(settings, node, "tc-events publish")
+            break
+        except BrokerUnavailable:
+            if node == settings.nodes[-1]:
+                raise
+    assert connection is not None
     async with connection:
         channel = await connection.channel()
         try:

@@ -52,7 +52,6 @@ class Counts:
     bytes_written: int = 0  # to clients
     too_slow: int = 0
     stuck: int = 0
-    broker_reconnects: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -120,8 +119,11 @@ class Metrics:
         for reason in ENDED:
             self.streams_ended.labels(reason)
         self._flushed = Counts()
+        self._reconnects_flushed = 0
 
-    def flush(self, counts: Counts, streams: int, bindings: int, connected: bool) -> None:
+    def flush(
+        self, counts: Counts, streams: int, bindings: int, connected: bool, reconnects: int
+    ) -> None:
         """Move what changed since the last flush into the metrics."""
         flushed = self._flushed
         for source, target, name in (
@@ -129,12 +131,14 @@ class Metrics:
             (counts.non_json, self.messages_not_json, "non_json"),
             (counts.frames_delivered, self.frames_delivered, "frames_delivered"),
             (counts.bytes_written, self.bytes_written, "bytes_written"),
-            (counts.broker_reconnects, self.broker_reconnects, "broker_reconnects"),
         ):
             delta = source - getattr(flushed, name)
             if delta:
                 target.inc(delta)
                 setattr(flushed, name, source)
+        if reconnects > self._reconnects_flushed:
+            self.broker_reconnects.inc(reconnects - self._reconnects_flushed)
+            self._reconnects_flushed = reconnects
         self.streams_open.set(streams)
         self.bindings.set(bindings)
         self.broker_connected.set(1 if connected else 0)

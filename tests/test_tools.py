@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aio_pika
 import pytest
-from helpers import ROOT, EventsServer, SSEReader, declare_exchange, delete_exchange
+from helpers import ROOT, EventsServer, SSEReader, declare_exchange, delete_exchange, free_port
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
 
-async def tc_events(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+async def tc_events(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a ``tc-events`` command to its end."""
     return await asyncio.to_thread(
         subprocess.run,
@@ -26,6 +32,7 @@ async def tc_events(*args: str, stdin: str = "") -> subprocess.CompletedProcess[
         text=True,
         timeout=60,
         cwd=ROOT,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -146,3 +153,25 @@ async def test_listen_comes_back_after_the_servers_reconnect_frame(exchange_name
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_publish_uses_the_broker_settings_tls_ca_and_cluster_nodes(
+    server: EventsServer, exchange_name: str, certificates: tuple[Path, Path, Path]
+) -> None:
+    ca, cert, key = certificates
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    binding = [{"exchange": exchange_name, "routingKeyPattern": "#"}]
+    async with SSEReader(server.url(binding)) as reader:
+        await reader.wait_for("ready")
+        with TcpProxy.running(ssl=context) as tls_front:
+            down = free_port()  # the first node answers nothing: the next one is used
+            env = {
+                "PULSE_AMQPS": "true",
+                "PULSE_HOSTNAME": f"localhost:{down},localhost:{tls_front.port}",
+                "TC_EVENTS_PULSE__TLS_CA_FILE": str(ca),
+            }
+            done = await tc_events("publish", exchange_name, "k", '"over tls"', env=env)
+        assert done.returncode == 0, done.stderr
+        (message,) = await reader.wait_for("message")
+    assert json.loads(message.data)["payload"] == "over tls"

@@ -17,13 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.protocol import h2 as hypercorn_h2
-from quart import Quart, Response
+from quart import Quart, Response, send_file
 
 from .broker import Broker
 from .connect import ConnectEndpoint
@@ -39,6 +40,12 @@ STATS_PATH = "/api/events/v1/__stats__"
 METRICS_PATH = "/metrics"
 METRICS_FLUSH_INTERVAL = 1.0  # seconds: how stale a scrape of another worker may be
 VERSION = {"version": metadata.version("quart_events"), "source": "quart_events"}
+STATIC = Path(__file__).parent / "static"
+# The inspector page loads only its own files and opens streams of this service.
+INSPECTOR_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 LISTEN_BACKLOG = 4096  # thousands of EventSources reconnect at once after a restart
 
 
@@ -114,7 +121,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     shared.on_settled = hub.settled
     service = Service(settings, broker, shared, hub, metrics)
 
-    app = Quart(__name__)
+    app = Quart(__name__, static_folder=str(STATIC))
+    app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # revalidated: a new version shows at once
     app.extensions["tc_events"] = service
     app.before_serving(service.start)
     app.after_serving(service.stop)
@@ -161,12 +169,20 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
         """As every Taskcluster service answers it."""
         return _json({"alive": True, "uptime": time.monotonic() - service.started_at})
 
+    async def inspector() -> Response:
+        """The inspector page; its scripts and styles are Quart's static files."""
+        response = await send_file(STATIC / "inspector.html")
+        response.headers["Content-Security-Policy"] = INSPECTOR_POLICY
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
     for path, view in (
         (STATS_PATH, stats),
         ("/__lbheartbeat__", lbheartbeat),
         ("/__heartbeat__", heartbeat),
         ("/__version__", version),
         ("/api/events/v1/ping", ping),
+        ("/", inspector),
     ):
         app.add_url_rule(path, view_func=view, methods=["GET"], strict_slashes=False)
     server = service.settings.server
@@ -185,7 +201,7 @@ def metrics_view(service: Service) -> Callable[[], Awaitable[Response]]:
 
 def metrics_app(service: Service) -> Quart:
     """The app of the metrics port, when it has one: ``/metrics`` and nothing else."""
-    app = Quart(f"{__name__}.metrics")
+    app = Quart(f"{__name__}.metrics", static_folder=None)
     app.add_url_rule(METRICS_PATH, view_func=metrics_view(service), methods=["GET"])
     return app
 

@@ -124,3 +124,28 @@ class Browser:
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def driven_chromium() -> Iterator[Any]:
+    """Debian's headless Chromium under selenium, through Debian's chromedriver (the
+    same version as the browser: selenium never downloads one here)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path = shutil.which("chromedriver")
+    if driver_path is None:
+        raise RuntimeError("Debian's chromium-driver is not installed: run ./dev install")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium_path()
+    for flag in CHROMIUM_FLAGS:
+        if not flag.startswith("--remote-debugging-port"):  # chromedriver picks its own
+            options.add_argument(flag)
+    options.add_argument("--window-size=1280,1000")
+    with tempfile.TemporaryDirectory(prefix="tc-events-chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+        try:
+            yield driver
+        finally:
+            driver.quit()

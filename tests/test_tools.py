@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import re
+import select
 import ssl
 import subprocess
 import sys
@@ -14,7 +17,15 @@ from pathlib import Path
 
 import aio_pika
 import pytest
-from helpers import ROOT, EventsServer, SSEReader, declare_exchange, delete_exchange, free_port
+from helpers import (
+    AMQP_URL,
+    ROOT,
+    EventsServer,
+    SSEReader,
+    declare_exchange,
+    delete_exchange,
+    free_port,
+)
 from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -175,3 +186,72 @@ async def test_publish_uses_the_broker_settings_tls_ca_and_cluster_nodes(
         assert done.returncode == 0, done.stderr
         (message,) = await reader.wait_for("message")
     assert json.loads(message.data)["payload"] == "over tls"
+
+
+class Terminal:
+    """A pseudo-terminal to run a command on: what a person at a terminal would see."""
+
+    def __init__(self) -> None:
+        self.leader, self.follower = os.openpty()
+        self.seen = b""
+
+    def read(self, timeout: float = 0.2) -> str:
+        """Everything written so far (waits up to ``timeout`` for more)."""
+        while select.select([self.leader], [], [], timeout)[0]:
+            try:
+                chunk = os.read(self.leader, 65536)
+            except OSError:  # the command ended and closed its side
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        return self.seen.decode(errors="replace")
+
+    def close(self) -> None:
+        for fd in (self.leader, self.follower):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def test_listen_on_a_terminal_shows_a_status_line_and_readable_messages(
+    server: EventsServer, exchange_name: str
+) -> None:
+    out, err = Terminal(), Terminal()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "quart_events", "listen", "--url", server.base],
+        *["-e", exchange_name, "-p", "#", "--count", "1"],
+        cwd=ROOT,
+        stdout=out.follower,
+        stderr=err.follower,
+    )
+    try:
+        for _ in range(100):
+            if "ready: waiting for messages" in err.read(0.1):
+                break
+        else:
+            raise AssertionError(f"no status line: {err.read()!r}")
+        # a status line rewrites itself in place: carriage return, erase the line
+        assert "\r\x1b[2Kready: waiting for messages" in err.read()
+        await publish_with_routes(exchange_name, "primary.task1", {"state": "completed"})
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        lines = out.read().replace("\r\n", "\n").splitlines()
+        assert re.fullmatch(
+            rf"\d\d:\d\d:\d\d  {re.escape(exchange_name)}  primary\.task1  routes: index\.a",
+            lines[0],
+        ), lines
+        assert "\n".join(lines[1:]) == json.dumps({"state": "completed"}, indent=2)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        out.close()
+        err.close()
+
+
+async def publish_with_routes(exchange: str, key: str, payload: object) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange)
+        body = json.dumps(payload).encode()
+        await target.publish(aio_pika.Message(body, headers={"CC": ["route.index.a"]}), key)

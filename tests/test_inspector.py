@@ -1,0 +1,618 @@
+"""The inspector page at ``/``, driven in Debian's headless Chromium with selenium,
+against a real server process and the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import httpx
+import pytest
+import taskcluster
+from browser import driven_chromium
+from helpers import AMQP_URL, EventsServer, declare_exchange, delete_exchange, publish
+
+pytestmark = [pytest.mark.broker]
+
+QUEUE = "exchange/taskcluster-queue/v1/"
+TASK_ID = "fN1kYkcFQXKUBy2dSlZ4XA"
+GROUP_ID = "Xr3aWtmsQlGbqDeUe3vPdg"
+
+
+# --- serving, without a browser ------------------------------------------------
+
+
+def test_page_and_every_asset_come_from_the_package(server: EventsServer) -> None:
+    """No build step, no CDN: the page names only its own files, each is served."""
+    page = httpx.get(server.base + "/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    modules: list[str] = []
+    for asset in assets:
+        assert not urllib.parse.urlsplit(asset).netloc, asset  # nothing from elsewhere
+        answer = httpx.get(f"{server.base}/{asset}")
+        assert answer.status_code == 200, asset
+        if asset.endswith(".js"):
+            assert answer.headers["content-type"].startswith("text/javascript")
+            modules.append(answer.text)
+    imports = {name for text in modules for name in re.findall(r'from "\./([^"]+)"', text)}
+    assert imports == {"messages.js", "presets.js", "stream.js"}
+    for name in imports:
+        assert httpx.get(f"{server.base}/static/{name}").status_code == 200
+    for text in [page.text, *modules]:
+        assert "://" not in text  # no absolute URL anywhere: works offline, behind any prefix
+
+
+# --- the page in a browser -----------------------------------------------------
+
+
+class Inspector:
+    """The page as a user meets it: fields, buttons, the state and the table."""
+
+    def __init__(self, driver: Any, server: EventsServer) -> None:
+        self.driver = driver
+        self.server = server
+
+    def open(self, query: str = "") -> None:
+        self.driver.get(f"{self.server.base}/{query}")
+        self.wait(lambda: self.js("return document.body.dataset.loaded") == "true")
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def element(self, element_id: str) -> Any:
+        return self.driver.find_element("id", element_id)
+
+    def click(self, element_id: str) -> None:
+        self.element(element_id).click()
+
+    def wait(self, condition: Any, timeout: float = 20, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not in {timeout} s: {what or condition}; {self.state()}")
+            time.sleep(0.05)
+
+    def state(self) -> str:
+        return str(self.element("state").text)
+
+    def wait_state(self, prefix: str, timeout: float = 20) -> None:
+        self.wait(lambda: self.state().startswith(prefix), timeout, f"state {prefix}")
+
+    def bindings(self) -> list[dict[str, str]]:
+        rows = self.driver.find_elements("css selector", "#bindings tbody tr")
+        return [
+            {
+                "exchange": row.find_element("css selector", "input.exchange").get_attribute(
+                    "value"
+                ),
+                "routingKeyPattern": row.find_element(
+                    "css selector", "input.routingKeyPattern"
+                ).get_attribute("value"),
+            }
+            for row in rows
+        ]
+
+    def set_binding(self, index: int, exchange: str, pattern: str) -> None:
+        row = self.driver.find_elements("css selector", "#bindings tbody tr")[index]
+        for selector, text in (("input.exchange", exchange), ("input.routingKeyPattern", pattern)):
+            field = row.find_element("css selector", selector)
+            field.clear()
+            field.send_keys(text)
+
+    def add_preset(self, exchange: str, kind: str, identifier: str) -> None:
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.element("preset-exchange")).select_by_value(exchange)
+        Select(self.element("preset-kind")).select_by_value(kind)
+        self.element("preset-id").clear()
+        self.element("preset-id").send_keys(identifier)
+        self.click("preset-add")
+
+    def rows(self) -> list[list[str]]:
+        """The visible message rows, newest first: time, exchange, routing key, routes."""
+        return list(
+            self.js(
+                """return [...document.querySelectorAll('#messages tbody.message')]
+                    .filter(b => !b.hidden)
+                    .map(b => [...b.rows[0].cells].map(c => c.textContent));"""
+            )
+        )
+
+    def counts(self) -> dict[str, int]:
+        text = self.element("counts").text
+        return {name: int(number) for number, name in re.findall(r"(\d+) ([a-z]+)", text)}
+
+    def copied(self, button: str) -> str:
+        """What a copy button put on the clipboard (it shows it on the page too)."""
+        self.js("document.getElementById('copied').textContent = ''")
+        self.click(button)
+        self.wait(lambda: self.element("copied").text != "")
+        shown = str(self.element("copied").text).split("\n", 1)[1]
+        clipboard = self.driver.execute_async_script(
+            "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('' + e))"
+        )
+        assert clipboard == shown
+        return shown
+
+
+@pytest.fixture(scope="module")
+def driver() -> Iterator[Any]:
+    with driven_chromium() as chromium:
+        yield chromium
+
+
+@pytest.fixture
+def page(driver: Any, server: EventsServer) -> Inspector:
+    driver.execute_cdp_cmd(
+        "Browser.grantPermissions",
+        {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"], "origin": server.base},
+    )
+    inspector = Inspector(driver, server)
+    inspector.open()
+    return inspector
+
+
+@pytest.fixture
+def topic() -> Iterator[str]:
+    """A fresh topic exchange on the broker, by name."""
+    name = f"exchange/test/{uuid.uuid4().hex[:12]}"
+    asyncio.run(declare_exchange(name))
+    try:
+        yield name
+    finally:
+        asyncio.run(delete_exchange(name))
+
+
+def send(exchange: str, key: str, payload: Any, routes: tuple[str, ...] = ()) -> None:
+    headers = {"CC": [f"route.{route}" for route in routes]} if routes else None
+    asyncio.run(publish(exchange, key, json.dumps(payload).encode(), headers))
+
+
+@pytest.mark.browser
+def test_presets_fill_the_pattern_as_the_taskcluster_clients_do(page: Inspector) -> None:
+    events = taskcluster.QueueEvents({"rootUrl": "https://tc.example.com"})
+    expected: list[dict[str, str]] = []
+    for method, name in [
+        ("taskDefined", "task-defined"),
+        ("taskPending", "task-pending"),
+        ("taskRunning", "task-running"),
+        ("artifactCreated", "artifact-created"),
+        ("taskCompleted", "task-completed"),
+        ("taskFailed", "task-failed"),
+        ("taskException", "task-exception"),
+        ("taskGroupResolved", "task-group-resolved"),
+    ]:
+        kinds = ["taskGroupId"] if name == "task-group-resolved" else ["taskId", "taskGroupId"]
+        for kind in kinds:
+            identifier = TASK_ID if kind == "taskId" else GROUP_ID
+            page.add_preset(name, kind, identifier)
+            binding = getattr(events, method)({kind: identifier})
+            expected.append(
+                {"exchange": binding["exchange"], "routingKeyPattern": binding["routingKeyPattern"]}
+            )
+    # the fresh page's blank row gave way to the first preset
+    assert page.bindings() == expected
+    assert page.element("preset-message").text == ""
+
+    page.add_preset("task-group-resolved", "taskId", TASK_ID)
+    assert page.element("preset-message").text == (
+        "task-group-resolved messages are keyed by taskGroupId, not taskId"
+    )
+    page.add_preset("task-completed", "taskId", "not.a.slug")
+    assert "22 characters" in page.element("preset-message").text
+    assert len(page.bindings()) == len(expected)  # neither added anything
+
+    page.open()
+    page.add_preset("*", "taskId", TASK_ID)  # every exchange keyed by taskId
+    assert [b["exchange"] for b in page.bindings()] == [
+        QUEUE + name
+        for name in [
+            "task-defined",
+            "task-pending",
+            "task-running",
+            "artifact-created",
+            "task-completed",
+            "task-failed",
+            "task-exception",
+        ]
+    ]
+
+
+@pytest.mark.browser
+def test_connect_publish_see_the_row_and_its_payload(page: Inspector, topic: str) -> None:
+    page.set_binding(0, topic, "task.#")
+    page.click("add-binding")
+    page.set_binding(1, topic, "route.index.#")
+    page.click("connect")
+    page.wait_state("ready")
+    assert page.element("ping-age").text  # "no ping yet" or "last ping N s ago"
+
+    payload = {"status": {"taskId": TASK_ID, "state": "completed"}, "note": "<img src=x>"}
+    send(topic, "task.a.b", payload, routes=("index.project.foo",))
+    send(topic, "other.key", {"only": "by route"}, routes=("index.other", "notify.x"))
+    send(topic, "unrelated", {"never": "shown"})
+    page.wait(lambda: len(page.rows()) == 2, what="two rows")
+    newest, oldest = page.rows()
+    assert oldest[1:] == [topic, "task.a.b", "index.project.foo"]
+    assert newest[1:] == [topic, "other.key", "index.other, notify.x"]
+    assert re.fullmatch(r"\d\d:\d\d:\d\d\.\d{3}", oldest[0])
+
+    # expand the row: the payload pretty-printed, as text (the markup is not markup)
+    page.driver.find_elements("css selector", "#messages tbody.message tr")[1].click()
+    shown = page.element("messages").find_element("css selector", "td.payload pre").text
+    assert json.loads(shown) == payload
+    assert shown == json.dumps(payload, indent=2)
+    assert page.driver.find_elements("css selector", "#messages img") == []
+    # and closed again
+    page.driver.find_elements("css selector", "#messages tbody.message tr")[1].click()
+    assert page.driver.find_elements("css selector", "td.payload") == []
+    assert page.counts() == {"received": 2, "in": 2, "dropped": 0}
+
+
+@pytest.mark.browser
+def test_bindings_travel_in_the_page_url_and_the_copies_work(page: Inspector, topic: str) -> None:
+    page.set_binding(0, topic, "a.*")
+    page.click("add-binding")
+    page.set_binding(1, topic, "b.# 'quoted'")
+    wanted = {
+        "bindings": [
+            {"exchange": topic, "routingKeyPattern": "a.*"},
+            {"exchange": topic, "routingKeyPattern": "b.# 'quoted'"},
+        ]
+    }
+    assert json.loads(page.copied("copy-json")) == wanted
+
+    # the page's own URL restores the bindings
+    link = page.driver.current_url
+    page.open()
+    assert page.bindings() == [{"exchange": "", "routingKeyPattern": ""}]
+    page.driver.get(link)
+    page.wait(lambda: page.js("return document.body.dataset.loaded") == "true")
+    assert page.bindings() == wanted["bindings"]
+
+    # the stream URL is a stream with these bindings
+    url = page.copied("copy-url")
+    assert url.startswith(page.server.base + "/api/events/v1/connect/?bindings=")
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert json.loads(query["bindings"][0]) == wanted
+
+    # the listen command, run in a shell-like split, gets a message
+    command = shlex.split(page.copied("copy-command"))
+    assert command[:4] == ["tc-events", "listen", "--url", page.server.base]
+    listen = subprocess.Popen(
+        [sys.executable, "-m", "quart_events", *command[1:], "--count", "1", "--timeout", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while len(page.server.broker_bindings()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        send(topic, "a.x", {"via": "listen"})
+        out, err = listen.communicate(timeout=30)
+    finally:
+        listen.kill()
+    assert listen.returncode == 0, err
+    assert json.loads(out)["payload"] == {"via": "listen"}
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize(
+    ("exchange", "error"),
+    [
+        ("amq.topic", "bindings[0]: exchange `amq.topic` is not allowed"),
+        ("exchange/test/does-not-exist", "exchange/test/does-not-exist"),
+    ],
+)
+def test_a_bad_binding_shows_the_servers_error(page: Inspector, exchange: str, error: str) -> None:
+    page.set_binding(0, exchange, "#")
+    page.click("connect")
+    page.wait_state("error")
+    assert error in page.state()
+    time.sleep(1.5)  # the page does not retry a stream the server refused
+    assert page.state().startswith("error")
+    assert page.element("disconnect").get_attribute("disabled") is not None
+    assert page.element("connect").text == "Connect"
+
+
+@pytest.mark.browser
+def test_filter_pause_resume_clear(page: Inspector, topic: str) -> None:
+    page.set_binding(0, topic, "#")
+    page.click("connect")
+    page.wait_state("ready")
+    for key in ("build.linux", "build.windows", "test.linux"):
+        send(topic, key, {"platform": key.split(".")[1]})
+    page.wait(lambda: len(page.rows()) == 3)
+
+    page.element("filter").send_keys("linux")
+    page.wait(lambda: len(page.rows()) == 2, what="two rows match linux")
+    assert {row[2] for row in page.rows()} == {"build.linux", "test.linux"}
+    page.element("filter").clear()
+    page.element("filter").send_keys("WINDOWS")  # any case, payload included
+    page.wait(lambda: [row[2] for row in page.rows()] == ["build.windows"])
+    page.element("filter").clear()
+    page.element("filter").send_keys("x")
+    page.element("filter").clear()
+    page.js("document.getElementById('filter').dispatchEvent(new Event('input'))")
+    page.wait(lambda: len(page.rows()) == 3)
+
+    page.click("pause")
+    assert page.element("pause").text == "Resume"
+    for n in range(4):
+        send(topic, f"later.{n}", {"n": n})
+    page.wait(lambda: page.counts().get("waiting") == 4, what="4 waiting")
+    assert len(page.rows()) == 3  # the view holds still
+    page.click("pause")
+    assert page.element("pause").text == "Pause"
+    page.wait(lambda: len(page.rows()) == 7)
+    assert [row[2] for row in page.rows()[:4]] == [f"later.{n}" for n in (3, 2, 1, 0)]
+
+    page.click("clear")
+    assert page.rows() == []
+    assert page.counts() == {"received": 0, "in": 0, "dropped": 0}
+    send(topic, "after.clear", {})
+    page.wait(lambda: len(page.rows()) == 1)
+
+
+@pytest.mark.browser
+def test_disconnect_and_reconnect_after_the_server_restarts(driver: Any, topic: str) -> None:
+    """The state follows the stream: ready, reconnecting while the server is away,
+    ready again on a new server on the same port, disconnected on request."""
+    first = EventsServer.start()
+    port = first.port
+    try:
+        page = Inspector(driver, first)
+        page.open()
+        page.set_binding(0, topic, "#")
+        page.click("connect")
+        page.wait_state("ready")
+        first.stop()  # SIGTERM: the server's reconnect frame, then nobody listens
+        page.wait_state("reconnecting")
+        assert (
+            page.element("state-text").text == "reconnecting: the server asked to come back later"
+        )
+        second = EventsServer.start(port=port)
+        try:
+            page.wait_state("ready", timeout=60)
+            send(topic, "again", {"back": True})
+            page.wait(lambda: [row[2] for row in page.rows()] == ["again"])
+            page.click("disconnect")
+            assert page.state() == "disconnected"
+            page.wait(lambda: second.stats()["streams"] == 0, what="the stream closed")
+        finally:
+            second.stop()
+    finally:
+        first.stop()
+
+
+class RatePublisher(threading.Thread):
+    """Publishes ``rate`` messages a second of about 1 KiB for ``seconds``, on schedule."""
+
+    def __init__(self, exchange: str, rate: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.exchange, self.rate, self.seconds = exchange, rate, seconds
+        self.sent = 0
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._publish())
+
+    async def _publish(self) -> None:
+        body = json.dumps({"status": {"taskId": TASK_ID}, "filler": "x" * 950}).encode()
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=False)
+            exchange = await channel.get_exchange(self.exchange)
+            total = int(self.rate * self.seconds)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            self.started.set()
+            while self.sent < total:
+                due = min(total, int((loop.time() - start) * self.rate) + 1)
+                while self.sent < due:
+                    message = aio_pika.Message(body)
+                    await exchange.publish(message, routing_key=f"load.{self.sent}")
+                    self.sent += 1
+                await asyncio.sleep(0.002)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_page_answers_clicks_at_1000_messages_a_second(page: Inspector, topic: str) -> None:
+    page.set_binding(0, topic, "load.#")
+    page.click("connect")
+    page.wait_state("ready")
+    send(topic, "load.first", {})
+    page.wait(lambda: len(page.rows()) == 1)
+
+    # How long each click takes to show on screen, measured in the page as a browser
+    # measures responsiveness (input event's time stamp to the frame after its
+    # handlers ran), and from here (WebDriver's round trips and polling included).
+    page.js(
+        """window.clickToPaint = [];
+        document.addEventListener("click", (event) => {
+          const began = event.timeStamp;
+          const painted = () => clickToPaint.push(performance.now() - began);
+          requestAnimationFrame(() => setTimeout(painted));
+        }, true);"""
+    )
+    outside: list[float] = []
+
+    def timed(action: Any, done: Any) -> None:
+        began = time.perf_counter()
+        action()
+        while not done():
+            assert time.perf_counter() - began < 5, "no answer to a click in 5 s"
+        outside.append(time.perf_counter() - began)
+
+    def clicks() -> None:
+        timed(lambda: page.click("pause"), lambda: page.element("pause").text == "Resume")
+        timed(lambda: page.click("pause"), lambda: page.element("pause").text == "Pause")
+        row = page.driver.find_element("css selector", "#messages tbody.message tr")
+        expanded = row.get_attribute("aria-expanded")
+        timed(row.click, lambda: row.get_attribute("aria-expanded") != expanded)
+
+    for _ in range(5):  # the same clicks on a quiet page, for comparison
+        clicks()
+    quiet = [ms / 1000 for ms in page.js("return clickToPaint.splice(0)")]
+    quiet_outside = outside[:]
+    outside.clear()
+    page.click("clear")
+
+    publisher = RatePublisher(topic, rate=1000, seconds=5)
+    publisher.start()
+    publisher.started.wait(10)
+    page.wait(lambda: page.counts()["received"] > 200, what="load arriving")
+    page.js("clickToPaint.length = 0")
+    while publisher.is_alive():
+        clicks()
+    inside = [ms / 1000 for ms in page.js("return clickToPaint")]
+    publisher.join(30)
+    assert publisher.sent == 5000
+    page.wait(lambda: page.counts()["received"] == 5000, what="every message received")
+    counts = page.counts()
+    # The cap: the newest 500 rows, and older ones only if someone expanded them to read.
+    in_view = page.js("return [...document.querySelectorAll('#messages tbody.message')]")
+    beyond_cap = page.js("return arguments[0].slice(500).map(b => b.rows.length > 1)", in_view)
+    assert counts["in"] == len(in_view) >= 500
+    assert all(beyond_cap)
+    assert counts["dropped"] == 5000 - counts["in"]
+
+    def summary(seconds: list[float]) -> str:
+        ordered = sorted(seconds)
+        return f"median {ordered[len(ordered) // 2] * 1000:.0f} ms, max {ordered[-1] * 1000:.0f} ms"
+
+    print(
+        f"\n{len(inside)} clicks under 1,000 messages/s: click to paint {summary(inside)}; "
+        f"seen through WebDriver {summary(outside)}; quiet page: click to paint {summary(quiet)}, "
+        f"through WebDriver {summary(quiet_outside)}"
+    )
+    assert len(inside) == len(outside) >= 15
+    assert max(inside) < 0.2
+
+
+@pytest.fixture
+def queue_exchanges() -> Iterator[list[str]]:
+    """The Taskcluster queue's exchanges on the broker, as Taskcluster has them
+    (declared here where missing, and removed again)."""
+    names = [
+        QUEUE + name
+        for name in (
+            "task-defined",
+            "task-pending",
+            "task-running",
+            "artifact-created",
+            "task-completed",
+            "task-failed",
+            "task-exception",
+            "task-group-resolved",
+        )
+    ]
+
+    async def missing() -> list[str]:
+        absent = []
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for name in names:
+                channel = await connection.channel()
+                try:
+                    await channel.declare_exchange(name, passive=True)
+                except aio_pika.exceptions.ChannelClosed:
+                    absent.append(name)
+        return absent
+
+    created = asyncio.run(missing())
+    for name in created:
+        asyncio.run(declare_exchange(name))
+    try:
+        yield names
+    finally:
+        for name in created:
+            asyncio.run(delete_exchange(name))
+
+
+def task_message(
+    kind: str, task_id: str, run_id: int, state: str
+) -> tuple[str, str, dict[str, Any]]:
+    """(exchange, routing key, payload) as Taskcluster's queue publishes them."""
+    worker = ("us-east-1", "i-0b4c9d2e")
+    key = ".".join(
+        [
+            "primary",
+            task_id,
+            str(run_id),
+            *worker,
+            "proj-example",
+            "ci",
+            "taskcluster-github",
+            GROUP_ID,
+            "_",
+        ]
+    )
+    status = {
+        "taskId": task_id,
+        "provisionerId": "proj-example",
+        "workerType": "ci",
+        "taskQueueId": "proj-example/ci",
+        "schedulerId": "taskcluster-github",
+        "taskGroupId": GROUP_ID,
+        "state": state,
+        "runs": [
+            {"runId": run_id, "state": state, "workerGroup": worker[0], "workerId": worker[1]}
+        ],
+    }
+    payload: dict[str, Any] = {"status": status, "runId": run_id, "version": 1}
+    if kind == "artifact-created":
+        payload["artifact"] = {"name": "public/logs/live.log", "storageType": "s3"}
+    return QUEUE + kind, key, payload
+
+
+@pytest.mark.browser
+def test_a_task_group_followed_with_a_preset(page: Inspector, queue_exchanges: list[str]) -> None:
+    """Real Taskcluster-shaped messages through the preset's bindings; the README's
+    screenshot is this page (``SCREENSHOT_DIR=docs`` writes docs/inspector.png)."""
+    page.add_preset("*", "taskGroupId", GROUP_ID)
+    assert len(page.bindings()) == 8  # the seven task exchanges and task-group-resolved
+    page.click("connect")
+    page.wait_state("ready")
+    tasks = ["Zq5EpJGmT0aLzVmXbD3pAw", "c3MBNRiVQO2KVcWY1yB4kA", "H1lV5mY0T3-rGw0o2Bd6qg"]
+    sent = [
+        task_message("task-running", tasks[0], 0, "running"),
+        task_message("artifact-created", tasks[0], 0, "running"),
+        task_message("task-running", tasks[1], 0, "running"),
+        task_message("task-completed", tasks[0], 0, "completed"),
+        task_message("task-failed", tasks[1], 0, "failed"),
+        task_message("task-running", tasks[2], 1, "running"),
+    ]
+    routes = ("index.project.example.latest", "tc-treeherder.v2.example.4f0c1b2")
+    for exchange, key, payload in sent:
+        send(exchange, key, payload, routes=routes)
+    # another group's message is not for these bindings
+    other_exchange, other_key, other = task_message("task-completed", tasks[2], 0, "completed")
+    send(other_exchange, other_key.replace(GROUP_ID, "AAAAAAAAAAAAAAAAAAAAAA"), other)
+    page.wait(lambda: len(page.rows()) == len(sent))
+    assert [row[1:3] for row in page.rows()] == [[e, k] for e, k, _ in reversed(sent)]
+    assert all(row[3] == ", ".join(routes) for row in page.rows())
+
+    page.driver.find_elements("css selector", "#messages tbody.message tr")[2].click()
+    page.js("document.activeElement.blur()")
+    shot = Path(os.environ.get("SCREENSHOT_DIR", "/tmp")) / "inspector.png"
+    assert page.driver.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -29,7 +29,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import aiormq.exceptions
-from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.abc import AbstractConnection
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic as _Basic
 
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
 
+# A delivery is three frames (method, header, body) when its body fits in one frame.
+FRAMES_PER_MESSAGE = 3
 # What a lost connection or a closed channel raises from aiormq; worth a retry.
 TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
 
@@ -145,12 +147,11 @@ class Broker:
         self.reconnects = 0
         self._settings_source = settings_source
         self._connection: AbstractConnection | None = None
-        self._consume_channel: AbstractChannel | None = None
+        self._consume_channel: aiormq.abc.AbstractChannel | None = None
         self._bind_channel: aiormq.abc.AbstractChannel | None = None
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
-        self._unacked = 0
 
     @property
     def is_connected(self) -> bool:
@@ -194,8 +195,15 @@ class Broker:
         queue_name = f"queue/{settings.namespace}/events/{uuid.uuid4().hex}"
         connection = await open_connection(settings, node, self.name)
         try:
-            channel = await connection.channel(publisher_confirms=False)
-            await self._declare_and_consume(await channel.get_underlay_channel(), queue_name)
+            if connection.transport is None:
+                raise ConnectionError("the connection closed while it was set up")
+            # aiormq's own channel: aio-pika's cannot be given a frame buffer, and the
+            # consumer reads ahead only as many frames as that buffer holds.
+            channel = await connection.transport.connection.channel(
+                publisher_confirms=False,
+                frame_buffer_size=FRAMES_PER_MESSAGE * settings.read_ahead,
+            )
+            await self._declare_and_consume(channel, queue_name)
             if connection.is_closed:
                 raise ConnectionError("the connection closed while it was set up")
         except Exception as error:  # anything: the supervisor retries, the CLI says one line
@@ -208,7 +216,7 @@ class Broker:
         self.node = host
         self.generation += 1
         connection.close_callbacks.add(self._on_close)
-        channel.close_callbacks.add(self._on_close)
+        channel.closing.add_done_callback(lambda _: self._on_close(channel))
         self._lost.clear()
         self._connected.set()
         log.info(
@@ -266,9 +274,10 @@ class Broker:
             auto_delete=True,
             arguments={"x-max-length": self.settings.queue_max_length},
         )
-        await channel.basic_qos(prefetch_count=self.settings.prefetch_count)
-        self._unacked = 0
-        await channel.basic_consume(queue_name, self._on_message)
+        # No acknowledgements: the queue is exclusive and goes with this connection, so
+        # a message the process received but did not deliver is lost either way; acks
+        # would cost the broker and this process work per message and buy nothing.
+        await channel.basic_consume(queue_name, self._on_message, no_ack=True)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = message.delivery
@@ -280,12 +289,6 @@ class Broker:
             message.body,
             message.header.properties.headers,
         )
-        # Ack in batches: half the prefetch window at a time keeps deliveries flowing.
-        self._unacked += 1
-        if self._unacked * 2 >= self.settings.prefetch_count:
-            self._unacked = 0
-            with contextlib.suppress(*TRANSIENT):
-                await message.channel.basic_ack(delivery.delivery_tag or 0, multiple=True)
 
     # -- bindings -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ or variable) and the key, never the value: it may be a password.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -34,6 +35,8 @@ from pydantic_settings import (
 )
 
 from .bindings import Limits
+
+log = logging.getLogger(__name__)
 
 PROFILES = ("defaults", "development", "test", "production")
 DEFAULT_PROFILE = "development"
@@ -149,7 +152,17 @@ class PulseSettings(BaseModel):
     reconnect_min_delay: float = Field(gt=0)
     reconnect_max_delay: float = Field(gt=0)
     queue_max_length: int = Field(ge=1)
-    prefetch_count: int = Field(ge=1, le=65535)
+    read_ahead: int = Field(ge=1, le=10_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prefetch_count_is_gone(cls, values: Any) -> Any:
+        """Configurations of earlier versions still load: deliveries are not acknowledged
+        any more, so the prefetch window has no meaning (``read_ahead`` bounds memory)."""
+        if isinstance(values, dict) and "prefetch_count" in values:
+            values = {k: v for k, v in values.items() if k != "prefetch_count"}
+            log.warning("pulse.prefetch_count is no longer used (see pulse.read_ahead)")
+        return values
 
     @field_validator("hostname")
     @classmethod

@@ -158,3 +158,12 @@ def test_example_config_is_valid_and_complete() -> None:
         for key in type(getattr(settings, section)).model_fields
     }
     assert every <= shown, f"not in the example: {sorted(every - shown)}"
+
+
+def test_prefetch_count_of_earlier_versions_loads_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write(tmp_path / "old.yml", "defaults:\n  pulse: {prefetch_count: 500}\n")
+    settings = load_settings("development", config)
+    assert settings.pulse.read_ahead == 100
+    assert "pulse.prefetch_count is no longer used (see pulse.read_ahead)" in caplog.text

@@ -86,8 +86,8 @@ class ConnectEndpoint:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         settings = self.settings
-        headers = {name.lower(): value for name, value in scope["headers"]}
-        if b"last-event-id" in headers:
+        reconnecting, event_source = _what_the_headers_say(scope)
+        if reconnecting:
             # An EventSource reconnecting after its stream ended: tell it to stop.
             await send({"type": "http.response.start", "status": 204, "headers": self.cors})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -109,7 +109,7 @@ class ConnectEndpoint:
             return
         if len(self.hub.streams) >= settings.max_streams:
             self.opened.labels("over_limit").inc()
-            await self._refuse(send, b"text/event-stream" in headers.get(b"accept", b""))
+            await self._refuse(send, event_source)
             return
         await self._start_stream(send)
         client = _Client(send, self.hub.counts)
@@ -209,6 +209,20 @@ class _Client:
         writer, self.writer = self.writer, None
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
+
+
+def _what_the_headers_say(scope: HTTPScope) -> tuple[bool, bool]:
+    """(an EventSource reconnecting: it sent ``Last-Event-ID``, the client accepts
+    ``text/event-stream``). No dict of headers: the request's frame outlives this, and
+    a server holds thousands of them."""
+    reconnecting = event_source = False
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"last-event-id":
+            reconnecting = True
+        elif name == b"accept" and b"text/event-stream" in value:
+            event_source = True
+    return reconnecting, event_source
 
 
 def _bindings_parameter(scope: HTTPScope) -> str | None:

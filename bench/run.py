@@ -30,7 +30,8 @@ import aiormq
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clients import AMQP_URL
-from loadgen import Job, LoadGenerator
+from lean_amqp import LeanPublisher
+from loadgen import Job, LoadGenerator, Report
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ("sse", "stomp", "amqp")
@@ -39,6 +40,13 @@ BODY_SIZE = 1024
 Row = dict[str, Any]  # figures by name; a `why` text where a run failed or was not run
 SERVER_PID: int | None = None  # the tc-events server of this run (its workers are children)
 WORKERS = "1"
+# Subscribers are spread over more processes until none uses more than SPREAD_ABOVE
+# of a core over the measured window; a row where one still uses more than SATURATED
+# (one stream cannot be spread) is marked client-bound and left out of the ratios.
+SPREAD_ABOVE = 0.5
+SATURATED = 0.8
+MAX_PROCESSES = 16
+SPREAD: dict[tuple[str, int], int] = {}  # processes found enough, per (system, streams)
 
 
 def free_port() -> int:
@@ -163,24 +171,27 @@ def body(n: int, stamp: float) -> bytes:
 async def publish(exchange: str, count: int, rate: float | None = None) -> tuple[float, float]:
     """Publish ``count`` 1 KiB JSON messages (at ``rate`` per second, or flat out).
 
-    The publisher is kept lean (one preformatted body a message) so that it is not
-    what limits the raw AMQP figures."""
-    connection = await aiormq.connect(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=False)
+    The lean publisher marshals every message of a flat-out run before the clock
+    starts, so that publishing is writing bytes and never what sets the pace."""
+    publisher = await LeanPublisher.connect()
+    await publisher.open_channel()
     keys = [f"bench.{n}" for n in range(10)]
-    started = time.time()
-    for n in range(count):
-        if rate:
+    if rate:
+        started = time.time()
+        for n in range(count):
             delay = started + n / rate - time.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        stamp = time.time() if rate else started
-        await channel.basic_publish(body(n, stamp), exchange=exchange, routing_key=keys[n % 10])
+            await publisher.send(publisher.frames(exchange, keys[n % 10], body(n, time.time())))
+    else:
+        stamp = time.time()
+        frames = [publisher.frames(exchange, keys[n % 10], body(n, stamp)) for n in range(count)]
+        started = time.time()
+        for at in range(0, count, 100):
+            await publisher.send(b"".join(frames[at : at + 100]))
     finished = time.time()
-    # A round trip on the same channel: the broker has routed every publish before it
-    # answers, so closing the connection now drops nothing still in flight.
-    await channel.exchange_declare(exchange, exchange_type="topic", passive=True)
-    await connection.close()
+    await publisher.flush(exchange)
+    publisher.close()
     return started, finished
 
 
@@ -229,15 +240,32 @@ def processes_for(streams: int) -> int:
 
 
 def fanout(system: str, port: int, streams: int, messages: int) -> Row:
-    """K streams on one exchange, M messages flat out: deliveries/s, first publish to last
-    receipt."""
+    """K streams on one exchange, M messages flat out: deliveries/s (first publish to last
+    receipt) and deliveries per server-side CPU-second.
+
+    A run whose busiest subscriber process used more than ``SPREAD_ABOVE`` of a core is
+    run again with twice the processes (the process count is kept for the next runs);
+    one that cannot be spread further and is still above ``SATURATED`` is marked."""
     refused = refuse_stomp(system, streams)
     if refused:
         return refused
+    processes = SPREAD.get((system, streams), processes_for(streams))
+    while True:
+        row = fanout_once(system, port, streams, messages, processes)
+        busiest = max(row.get("subscriber_cores", [0.0]))
+        if busiest <= SPREAD_ABOVE or processes >= min(streams, MAX_PROCESSES) or "why" in row:
+            break
+        processes = SPREAD[(system, streams)] = min(streams, MAX_PROCESSES, processes * 2)
+        print(f"  (a subscriber process used {busiest:.2f} core: {processes} processes)")
+    if busiest > SATURATED:
+        row["client_bound"] = 1
+    return row
+
+
+def fanout_once(system: str, port: int, streams: int, messages: int, processes: int) -> Row:
     with exchange_for_run() as exchange:
         generator = LoadGenerator(
-            Job(system, port, exchange, "bench.#", streams, expected=messages),
-            processes_for(streams),
+            Job(system, port, exchange, "bench.#", streams, expected=messages), processes
         )
         _, failures, failure = generator.start()
         if failures:
@@ -247,17 +275,28 @@ def fanout(system: str, port: int, streams: int, messages: int) -> Row:
         cpu: Row = {}
         with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
             started, _ = asyncio.run(publish(exchange, messages))
-            report = generator.finish(timeout=120)
+            report = generator.finish(timeout=300)
     expected = streams * messages
     elapsed = report.last_receipt - started
-    return {
+    server_side = cpu.get("server_cpu_s", 0.0) + cpu["broker_cpu_s"]
+    row: Row = {
         "deliveries_per_s": report.received / elapsed if elapsed > 0 else 0.0,
+        "per_server_cpu_s": report.received / server_side if server_side > 0 else 0.0,
         "lost": expected - report.received,
-        "loadgen_cpu_s": report.cpu_seconds,
         **cpu,
+        "subscriber_cores": subscriber_cores(report, elapsed),
         "elapsed_s": elapsed,
-        **({"broken": report.broken, "why": report.first_failure} if report.broken else {}),
     }
+    if report.broken:
+        row.update(broken=report.broken, why=report.first_failure)
+    return row
+
+
+def subscriber_cores(report: Report, elapsed: float) -> list[float]:
+    """Each subscriber process's CPU over the measured window, in cores, busiest first."""
+    if elapsed <= 0:
+        return []
+    return sorted((cpu / elapsed for cpu in report.process_cpu), reverse=True)
 
 
 def latency(
@@ -271,13 +310,16 @@ def latency(
             2,
         )
         generator.start()
-        asyncio.run(publish(exchange, messages, rate=rate))
-        report = generator.finish(timeout=60)
+        cpu: Row = {}
+        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+            started, _ = asyncio.run(publish(exchange, messages, rate=rate))
+            report = generator.finish(timeout=60)
     return {
         "p50_ms": percentile(report.latencies, 0.50) * 1000,
         "p99_ms": percentile(report.latencies, 0.99) * 1000,
         "lost": streams * messages - report.received,
-        "loadgen_cpu_s": report.cpu_seconds,
+        **cpu,
+        "subscriber_cores": subscriber_cores(report, report.last_receipt - started),
     }
 
 
@@ -358,11 +400,22 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
 
 
 def median_of(runs: int, measure: object, *args: object) -> Row:
+    """Medians of the numbers; lists (per-process cores) from the median run of the
+    first figure; ``client_bound`` if any run was."""
     results = [measure(*args) for _ in range(runs)]  # type: ignore[operator]
+    first = next(iter(results[0]))
+    ordered = sorted(results, key=lambda r: r[first] if isinstance(r[first], int | float) else 0)
+    middle = ordered[len(ordered) // 2]
     merged: Row = {}
-    for key in results[0]:
+    for key in {key: None for result in results for key in result}:
         values = [r[key] for r in results if isinstance(r.get(key), int | float)]
-        merged[key] = statistics.median(values) if values else results[0][key]
+        if key == "client_bound":
+            merged[key] = 1
+        elif values and len(values) == len(results):
+            merged[key] = statistics.median(values)
+        else:
+            merged[key] = middle.get(key, next(r[key] for r in results if key in r))
+    merged["runs"] = runs
     return merged
 
 
@@ -404,7 +457,8 @@ def run_workloads(args: argparse.Namespace, systems: list[str], workers: str) ->
         for workload in args.workloads:
             if workload == "fanout":
                 for streams in map(int, args.fanout_streams.split(",")):
-                    messages = min(20_000, max(200, 200_000 // streams))  # ~200,000 deliveries
+                    # 50,000 messages to one stream; 1,000,000 deliveries to 100 or more
+                    messages = 50_000 if streams == 1 else max(200, 1_000_000 // streams)
                     for system in systems:
                         row = median_of(args.runs, fanout, system, ports[system], streams, messages)
                         table.append((f"fan-out {streams}{tag}", system, row))
@@ -426,23 +480,69 @@ def run_workloads(args: argparse.Namespace, systems: list[str], workers: str) ->
 
 
 def print_table(table: list[tuple[str, str, Row]]) -> None:
-    print("\n| workload | system | figures | vs Web-STOMP | vs raw AMQP |")
-    print("| --- | --- | --- | --- | --- |")
+    """Markdown tables: fan-out with both figures and their ratios, then the others."""
     by = {(w, s): r for w, s, r in table}
-    main_figure = {"fan-out": "deliveries_per_s", "latency": "p99_ms", "connect": "all_ready_s"}
-    for workload, system, row in table:
-        figures = ", ".join(
-            f"{k} {v:,.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+    fanouts = [(w, s, r) for w, s, r in table if w.startswith("fan-out")]
+    if fanouts:
+        print(
+            "\n| workload | system | deliveries/s | per server-side CPU-s | server CPU s "
+            "| RabbitMQ CPU s | subscriber processes (cores each) | s "
+            "| vs Web-STOMP (/s, /CPU-s) | vs raw AMQP (/s, /CPU-s) |"
         )
-        ratios = []
-        key = main_figure.get(workload.split(" ")[0])
-        for other in ("stomp", "amqp"):
-            theirs = by.get((workload, other), {})
-            if system == "sse" and key and isinstance(theirs.get(key), float) and theirs[key]:
-                ratios.append(f"{row.get(key, float('nan')) / theirs[key]:.2f}x")
-            else:
-                ratios.append("")
-        print(f"| {workload} | {NAMES[system]} | {figures} | {ratios[0]} | {ratios[1]} |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |")
+        for workload, system, row in fanouts:
+            if "why" in row and "deliveries_per_s" not in row:
+                print(f"| {workload} | {NAMES[system]} | {row['why']} | | | | | | | |")
+                continue
+            ratios = [
+                fanout_ratio(row, by.get((workload, other))) if system == "sse" else ""
+                for other in ("stomp", "amqp")
+            ]
+            mark = " (client-bound)" if row.get("client_bound") else ""
+            lost = f", {row['lost']} lost" if row.get("lost") else ""
+            print(
+                f"| {workload} | {NAMES[system]}{mark} | {row['deliveries_per_s']:,.0f}{lost} "
+                f"| {row['per_server_cpu_s']:,.0f} | {cpu_text(row, 'server_cpu_s')} "
+                f"| {row['broker_cpu_s']:.2f} | {cores_text(row)} | {row['elapsed_s']:.2f} "
+                f"| {ratios[0]} | {ratios[1]} |"
+            )
+    others = [(w, s, r) for w, s, r in table if not w.startswith("fan-out")]
+    if others:
+        print("\n| workload | system | figures |")
+        print("| --- | --- | --- |")
+        for workload, system, row in others:
+            figures = ", ".join(
+                f"{k} {cores_text(row)}"
+                if k == "subscriber_cores"
+                else f"{k} {v:,.2f}"
+                if isinstance(v, float)
+                else f"{k} {v}"
+                for k, v in row.items()
+            )
+            print(f"| {workload} | {NAMES[system]} | {figures} |")
+
+
+def fanout_ratio(row: Row, theirs: Row | None) -> str:
+    """tc-events over the other system, for deliveries/s and per server-side CPU-s."""
+    if not theirs or "deliveries_per_s" not in theirs or "deliveries_per_s" not in row:
+        return ""
+    if row.get("client_bound") or theirs.get("client_bound"):
+        return "(client-bound)"
+    if not theirs["per_server_cpu_s"] or not theirs["deliveries_per_s"]:
+        return ""
+    return (
+        f"{row['deliveries_per_s'] / theirs['deliveries_per_s']:.2f}x, "
+        f"{row['per_server_cpu_s'] / theirs['per_server_cpu_s']:.2f}x"
+    )
+
+
+def cpu_text(row: Row, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else "-"
+
+
+def cores_text(row: Row) -> str:
+    cores = row.get("subscriber_cores") or []
+    return f"{len(cores)} ({', '.join(f'{c:.2f}' for c in cores)})"
 
 
 if __name__ == "__main__":

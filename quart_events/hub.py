@@ -65,6 +65,9 @@ class Hub:
         )
         self.streams.add(stream)
         stream.shares = [self.shared.acquire(binding) for binding in stream.bindings]
+        # The shared (equal) instances: streams with the same bindings, the common case,
+        # then hold no copies of their own for as long as they live.
+        stream.bindings = tuple(share.binding for share in stream.shares)
         if self._wait(stream):
             # A new stream waits for the broker so long, then is told it is unavailable.
             loop = asyncio.get_running_loop()

@@ -45,6 +45,7 @@ class Report:
     ping_gaps: list[float] = field(default_factory=list)  # the largest gap per stream
     cpu_seconds: float = 0.0  # from ready to the end of the measured window
     process_cpu: list[float] = field(default_factory=list)  # the same, per process
+    process_cpu_total: list[float] = field(default_factory=list)  # from its start, per process
 
 
 async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
@@ -79,9 +80,9 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
     readies = [asyncio.Event() for _ in range(job.streams)]
     if job.kind == "amqp":
         # One lean connection: its subscribers set up one after another, then one reader.
+        began = time.time()  # set up one after another: each is ready after all before it
         connection = await LeanConsumer.connect()
         for stream in range(job.streams):
-            began = time.time()
             await clients.amqp(
                 connection, job.exchange, job.pattern, receiver(stream), job.want_times
             )
@@ -157,6 +158,7 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
     if connection is not None:
         connection.close()
     del start
+    report.process_cpu_total = [_cpu()]
     results.put(("done", index, report))
 
 
@@ -221,6 +223,7 @@ class LoadGenerator:
             merged.ping_gaps += report.ping_gaps
             merged.cpu_seconds += report.cpu_seconds
             merged.process_cpu += report.process_cpu
+            merged.process_cpu_total += report.process_cpu_total
             merged.broken += report.broken
             merged.first_failure = merged.first_failure or report.first_failure
             if report.first_receipt:

@@ -329,19 +329,21 @@ def connect(system: str, port: int, streams: int = 1000) -> Row:
     if refused:
         return refused
     with exchange_for_run() as exchange:
-        started = time.time()
         generator = LoadGenerator(Job(system, port, exchange, "bench.#", streams), 4)
-        ready, failures, failure = generator.start()
-        # The workers' own start-up (a fresh Python each) is not the system's time:
-        # per-stream times are measured inside the workers, from each stream's start.
+        cpu: Row = {}
+        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+            # The workers' own start-up (a fresh Python each) is not the system's time:
+            # per-stream times are measured inside the workers, from each stream's start.
+            ready, failures, failure = generator.start()
         generator.stop()
-        generator.finish(30)
-    del started
+        report = generator.finish(30)
     result: Row = {
         "all_ready_s": max(ready) if ready else float("nan"),
         "p50_ms": percentile(ready, 0.50) * 1000,
         "p99_ms": percentile(ready, 0.99) * 1000,
         "failed": failures,
+        **cpu,
+        "subscriber_process_cpu_s": sorted(report.process_cpu_total, reverse=True),
     }
     if failures:
         result["why"] = failure
@@ -379,11 +381,15 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
             Job("sse", server.port, exchange, "bench.#", streams, count_pings=True), 4
         )
         ready, failures, _ = generator.start()
-        time.sleep(hold)
-        after = rss_of(server.process.pid)
-        health_ms = slowest_health_answer_ms(server.port)
-        generator.stop()
-        report = generator.finish(60)
+        cpu: Row = {}
+        with cpu_seconds(cpu, server.process.pid):
+            held = time.time()
+            time.sleep(hold)
+            after = rss_of(server.process.pid)
+            health_ms = slowest_health_answer_ms(server.port)
+            generator.stop()
+            report = generator.finish(60)
+            held = time.time() - held
     return {
         "streams": len(ready),
         "failed": failures,
@@ -392,7 +398,8 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
         "max_ping_gap_s": max(report.ping_gaps, default=float("nan")),
         "p99_ping_gap_s": percentile(report.ping_gaps, 0.99),
         "slowest_health_ms": health_ms,
-        "loadgen_cpu_s": report.cpu_seconds,
+        **cpu,
+        "subscriber_cores": subscriber_cores(report, held),
     }
 
 
@@ -511,14 +518,7 @@ def print_table(table: list[tuple[str, str, Row]]) -> None:
         print("\n| workload | system | figures |")
         print("| --- | --- | --- |")
         for workload, system, row in others:
-            figures = ", ".join(
-                f"{k} {cores_text(row)}"
-                if k == "subscriber_cores"
-                else f"{k} {v:,.2f}"
-                if isinstance(v, float)
-                else f"{k} {v}"
-                for k, v in row.items()
-            )
+            figures = ", ".join(f"{k} {figure_text(row, k, v)}" for k, v in row.items())
             print(f"| {workload} | {NAMES[system]} | {figures} |")
 
 
@@ -538,6 +538,14 @@ def fanout_ratio(row: Row, theirs: Row | None) -> str:
 
 def cpu_text(row: Row, key: str) -> str:
     return f"{row[key]:.2f}" if key in row else "-"
+
+
+def figure_text(row: Row, key: str, value: Any) -> str:
+    if key == "subscriber_cores":
+        return cores_text(row)
+    if isinstance(value, list):
+        return f"({', '.join(f'{each:.2f}' for each in value)})"
+    return f"{value:,.2f}" if isinstance(value, float) else str(value)
 
 
 def cores_text(row: Row) -> str:

@@ -28,7 +28,7 @@ from .bindings import BindingError, parse_bindings
 from .hub import Hub
 from .metrics import Counts
 from .settings import ServerSettings
-from .stream import Stream
+from .stream import Stream, no_op
 
 PATHS = frozenset(
     path + slash for path in ("/api/events/v1/connect", "/events/v1/connect") for slash in ("", "/")
@@ -129,6 +129,10 @@ class ConnectEndpoint:
             client.stop_writing()
             peer = scope["client"] if settings.log_client_address else None
             self.hub.close(client.stream, f"{peer[0]}:{peer[1]}" if peer else None)
+            # Break the stream <-> client cycle: refcounting frees them now, and less of
+            # a closed connection waits for the garbage collector.
+            client.stream.on_frames = client.stream.on_abort = no_op
+            client.stream = client.request_task = None
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool) -> None:
         """Over the stream limit. An EventSource stops for good on a 503, so it gets a

@@ -1,13 +1,15 @@
 """Garbage-collector passes and pauses of a busy server, with and without its GC tuning.
 
     .venv/bin/python bench/gc_pauses.py [--streams 5000] [--seconds 20] [--gc tuned|default]
+                                        [--young N]
 
 Serves the app in this process (so ``gc.callbacks`` can time every pass), opens
 ``--streams`` idle streams from a client process, then publishes 20 messages of
 1 KiB every 100 ms to all of them for ``--seconds``, and prints, per generation,
 the passes, the longest and the total pause; then the time of one forced full pass
 over what the process then holds. ``--gc default`` leaves Python's thresholds and
-does not freeze the start-up objects.
+does not freeze the start-up objects; ``--young N`` tries the tuning with young
+passes every N allocations.
 """
 
 from __future__ import annotations
@@ -47,11 +49,13 @@ asyncio.run(main())
 EXCHANGE = "bench-gc-pauses"
 
 
-async def measure(streams: int, seconds: float, tuned: bool, port: int) -> None:
+async def measure(streams: int, seconds: float, tuned: bool, port: int, young: int | None) -> None:
     os.environ["TC_EVENTS_SERVER__PORT"] = str(port)
     os.environ["TC_EVENTS_SERVER__MAX_STREAMS"] = str(streams + 100)
     if not tuned:
         app_module.tune_garbage_collector = lambda: None
+    elif young is not None:
+        app_module.GC_THRESHOLDS = (young, *app_module.GC_THRESHOLDS[1:])
     app = create_app(load_settings("test"))
     server = asyncio.ensure_future(serve_app(app))
     connection = await aiormq.connect("amqp://guest:guest@127.0.0.1/")
@@ -88,7 +92,7 @@ async def measure(streams: int, seconds: float, tuned: bool, port: int) -> None:
                 await channel.basic_publish(body, exchange=EXCHANGE, routing_key="bench.1")
             await asyncio.sleep(0.1)
         gc.callbacks.remove(timed)
-        mode = "tuned" if tuned else "Python's defaults"
+        mode = f"tuned {gc.get_threshold()}" if tuned else "Python's defaults"
         print(f"{streams} streams, {seconds:g} s of 200 messages/s to each, GC {mode}:")
         for generation, times in pauses.items():
             longest = max(times, default=0.0) * 1000
@@ -117,8 +121,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--gc", choices=("tuned", "default"), default="tuned")
     parser.add_argument("--port", type=int, default=12778)
+    parser.add_argument("--young", type=int, default=None, help="young-pass threshold to try")
     args = parser.parse_args()
-    uvloop.run(measure(args.streams, args.seconds, args.gc == "tuned", args.port))
+    uvloop.run(measure(args.streams, args.seconds, args.gc == "tuned", args.port, args.young))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 A tiny HTTP server (the collector) serves a page that opens an EventSource to the
 events server and reports every event back with a POST; the test reads the reports.
-Chromium is Debian's package, installed by ``./dev``.
+Chromium is Debian's package, installed by ``./dev``. Also: Chromium driven by
+selenium (``driven_chromium``) and the inspector page as a user meets it
+(``Inspector``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,7 +21,10 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from helpers import EventsServer
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>follow</title><script>
 let seq = 0;  // reports may arrive out of order: the test sorts them by this
@@ -149,3 +155,99 @@ def driven_chromium() -> Iterator[Any]:
             yield driver
         finally:
             driver.quit()
+
+
+class Inspector:
+    """The page as a user meets it: fields, buttons, the state and the table."""
+
+    def __init__(self, driver: Any, server: EventsServer, base: str | None = None) -> None:
+        self.driver = driver
+        self.server = server
+        self.base = base or server.base  # where the page is: the server, or a proxy of it
+        origin = "/".join(self.base.split("/")[:3])
+        permissions = ["clipboardReadWrite", "clipboardSanitizedWrite"]
+        driver.execute_cdp_cmd(
+            "Browser.grantPermissions", {"permissions": permissions, "origin": origin}
+        )
+
+    def open(self, query: str = "") -> None:
+        self.driver.get(f"{self.base}/{query}")
+        self.wait(lambda: self.js("return document.body.dataset.loaded") == "true")
+
+    def js(self, script: str, *args: Any) -> Any:
+        return self.driver.execute_script(script, *args)
+
+    def element(self, element_id: str) -> Any:
+        return self.driver.find_element("id", element_id)
+
+    def click(self, element_id: str) -> None:
+        self.element(element_id).click()
+
+    def wait(self, condition: Any, timeout: float = 20, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not in {timeout} s: {what or condition}; {self.state()}")
+            time.sleep(0.05)
+
+    def state(self) -> str:
+        return str(self.element("state").text)
+
+    def wait_state(self, prefix: str, timeout: float = 20) -> None:
+        self.wait(lambda: self.state().startswith(prefix), timeout, f"state {prefix}")
+
+    def bindings(self) -> list[dict[str, str]]:
+        rows = self.driver.find_elements("css selector", "#bindings tbody tr")
+        return [
+            {
+                "exchange": row.find_element("css selector", "input.exchange").get_attribute(
+                    "value"
+                ),
+                "routingKeyPattern": row.find_element(
+                    "css selector", "input.routingKeyPattern"
+                ).get_attribute("value"),
+            }
+            for row in rows
+        ]
+
+    def set_binding(self, index: int, exchange: str, pattern: str) -> None:
+        row = self.driver.find_elements("css selector", "#bindings tbody tr")[index]
+        for selector, text in (("input.exchange", exchange), ("input.routingKeyPattern", pattern)):
+            field = row.find_element("css selector", selector)
+            field.clear()
+            field.send_keys(text)
+
+    def add_preset(self, exchange: str, kind: str, identifier: str) -> None:
+        from selenium.webdriver.support.ui import Select
+
+        Select(self.element("preset-exchange")).select_by_value(exchange)
+        Select(self.element("preset-kind")).select_by_value(kind)
+        self.element("preset-id").clear()
+        self.element("preset-id").send_keys(identifier)
+        self.click("preset-add")
+
+    def rows(self) -> list[list[str]]:
+        """The visible message rows, newest first: time, exchange, routing key, routes."""
+        return list(
+            self.js(
+                """return [...document.querySelectorAll('#messages tbody.message')]
+                    .filter(b => !b.hidden)
+                    .map(b => [...b.rows[0].cells].map(c => c.textContent));"""
+            )
+        )
+
+    def counts(self) -> dict[str, int]:
+        text = self.element("counts").text
+        return {name: int(number) for number, name in re.findall(r"(\d+) ([a-z]+)", text)}
+
+    def copied(self, button: str) -> str:
+        """What a copy button put on the clipboard (it shows it on the page too)."""
+        self.js("document.getElementById('copied').textContent = ''")
+        self.click(button)
+        self.wait(lambda: self.element("copied").text != "")
+        shown = str(self.element("copied").text).split("\n", 1)[1]
+        clipboard = self.driver.execute_async_script(
+            "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('' + e))"
+        )
+        assert clipboard == shown
+        return shown

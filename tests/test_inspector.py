@@ -22,7 +22,7 @@ import aio_pika
 import httpx
 import pytest
 import taskcluster
-from browser import driven_chromium
+from browser import Inspector, driven_chromium
 from helpers import AMQP_URL, EventsServer, declare_exchange, delete_exchange, publish
 
 pytestmark = [pytest.mark.broker]
@@ -61,96 +61,6 @@ def test_page_and_every_asset_come_from_the_package(server: EventsServer) -> Non
 # --- the page in a browser -----------------------------------------------------
 
 
-class Inspector:
-    """The page as a user meets it: fields, buttons, the state and the table."""
-
-    def __init__(self, driver: Any, server: EventsServer) -> None:
-        self.driver = driver
-        self.server = server
-
-    def open(self, query: str = "") -> None:
-        self.driver.get(f"{self.server.base}/{query}")
-        self.wait(lambda: self.js("return document.body.dataset.loaded") == "true")
-
-    def js(self, script: str, *args: Any) -> Any:
-        return self.driver.execute_script(script, *args)
-
-    def element(self, element_id: str) -> Any:
-        return self.driver.find_element("id", element_id)
-
-    def click(self, element_id: str) -> None:
-        self.element(element_id).click()
-
-    def wait(self, condition: Any, timeout: float = 20, what: str = "") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not in {timeout} s: {what or condition}; {self.state()}")
-            time.sleep(0.05)
-
-    def state(self) -> str:
-        return str(self.element("state").text)
-
-    def wait_state(self, prefix: str, timeout: float = 20) -> None:
-        self.wait(lambda: self.state().startswith(prefix), timeout, f"state {prefix}")
-
-    def bindings(self) -> list[dict[str, str]]:
-        rows = self.driver.find_elements("css selector", "#bindings tbody tr")
-        return [
-            {
-                "exchange": row.find_element("css selector", "input.exchange").get_attribute(
-                    "value"
-                ),
-                "routingKeyPattern": row.find_element(
-                    "css selector", "input.routingKeyPattern"
-                ).get_attribute("value"),
-            }
-            for row in rows
-        ]
-
-    def set_binding(self, index: int, exchange: str, pattern: str) -> None:
-        row = self.driver.find_elements("css selector", "#bindings tbody tr")[index]
-        for selector, text in (("input.exchange", exchange), ("input.routingKeyPattern", pattern)):
-            field = row.find_element("css selector", selector)
-            field.clear()
-            field.send_keys(text)
-
-    def add_preset(self, exchange: str, kind: str, identifier: str) -> None:
-        from selenium.webdriver.support.ui import Select
-
-        Select(self.element("preset-exchange")).select_by_value(exchange)
-        Select(self.element("preset-kind")).select_by_value(kind)
-        self.element("preset-id").clear()
-        self.element("preset-id").send_keys(identifier)
-        self.click("preset-add")
-
-    def rows(self) -> list[list[str]]:
-        """The visible message rows, newest first: time, exchange, routing key, routes."""
-        return list(
-            self.js(
-                """return [...document.querySelectorAll('#messages tbody.message')]
-                    .filter(b => !b.hidden)
-                    .map(b => [...b.rows[0].cells].map(c => c.textContent));"""
-            )
-        )
-
-    def counts(self) -> dict[str, int]:
-        text = self.element("counts").text
-        return {name: int(number) for number, name in re.findall(r"(\d+) ([a-z]+)", text)}
-
-    def copied(self, button: str) -> str:
-        """What a copy button put on the clipboard (it shows it on the page too)."""
-        self.js("document.getElementById('copied').textContent = ''")
-        self.click(button)
-        self.wait(lambda: self.element("copied").text != "")
-        shown = str(self.element("copied").text).split("\n", 1)[1]
-        clipboard = self.driver.execute_async_script(
-            "navigator.clipboard.readText().then(arguments[0], e => arguments[0]('' + e))"
-        )
-        assert clipboard == shown
-        return shown
-
-
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
     with driven_chromium() as chromium:
@@ -159,10 +69,6 @@ def driver() -> Iterator[Any]:
 
 @pytest.fixture
 def page(driver: Any, server: EventsServer) -> Inspector:
-    driver.execute_cdp_cmd(
-        "Browser.grantPermissions",
-        {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"], "origin": server.base},
-    )
     inspector = Inspector(driver, server)
     inspector.open()
     return inspector

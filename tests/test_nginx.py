@@ -21,7 +21,7 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
-from browser import Browser
+from browser import Browser, Inspector, driven_chromium
 from helpers import (
     ROOT,
     EventsServer,
@@ -35,30 +35,40 @@ from helpers import (
 
 pytestmark = pytest.mark.broker
 
-UPSTREAM, LISTEN, READ_TIMEOUT = (
+UPSTREAM, LISTEN, READ_TIMEOUT, LOCATION, PROXY_PASS = (
     "server 127.0.0.1:12345;",
     "listen 8080;",
     "proxy_read_timeout 60s;",
+    "location / {",
+    "proxy_pass http://tc_events;",
 )
 
 
-def documented_config(upstream_port: int, port: int, read_timeout: str | None = None) -> str:
-    """The nginx configuration of docs/deploying.md, with these ports."""
+def documented_config(
+    upstream_port: int, port: int, read_timeout: str | None = None, prefix: str | None = None
+) -> str:
+    """The nginx configuration of docs/deploying.md, with these ports; with ``prefix``
+    served under that path, as the document says to."""
     text = (ROOT / "docs" / "deploying.md").read_text()
     match = re.search(r"```nginx\n(.*?)```", text, re.DOTALL)
     assert match, "docs/deploying.md has no nginx configuration"
     config = match.group(1)
-    for placeholder in (UPSTREAM, LISTEN, READ_TIMEOUT):
+    for placeholder in (UPSTREAM, LISTEN, READ_TIMEOUT, LOCATION, PROXY_PASS):
         assert placeholder in config, f"docs/deploying.md lost `{placeholder}`"
     config = config.replace(UPSTREAM, f"server 127.0.0.1:{upstream_port};")
     config = config.replace(LISTEN, f"listen 127.0.0.1:{port};")
     if read_timeout is not None:
         config = config.replace(READ_TIMEOUT, f"proxy_read_timeout {read_timeout};")
+    if prefix is not None:  # docs/deploying.md: "Under a path prefix"
+        config = config.replace(LOCATION, f"location {prefix} {{")
+        config = config.replace(PROXY_PASS, "proxy_pass http://tc_events/;")
     return config
 
 
 @contextlib.contextmanager
-def nginx(upstream_port: int, read_timeout: str | None = None) -> Iterator[str]:
+def nginx(
+    upstream_port: int, read_timeout: str | None = None, path_prefix: str | None = None
+) -> Iterator[str]:
     """A real nginx in front of ``upstream_port``; yields its base URL."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(binary).exists():
@@ -66,7 +76,8 @@ def nginx(upstream_port: int, read_timeout: str | None = None) -> Iterator[str]:
     prefix = Path(tempfile.mkdtemp(prefix="tc-events-nginx-"))
     (prefix / "logs").mkdir()
     port = free_port()
-    (prefix / "nginx.conf").write_text(documented_config(upstream_port, port, read_timeout))
+    config = documented_config(upstream_port, port, read_timeout, path_prefix)
+    (prefix / "nginx.conf").write_text(config)
     process = subprocess.Popen(
         [
             binary,
@@ -179,3 +190,20 @@ async def test_sigterm_reaches_the_browser_through_nginx_as_the_reconnect_frame(
         first.stop()
         if second is not None:
             second.stop()
+
+
+@pytest.mark.browser
+async def test_the_inspector_page_works_under_a_path_prefix(
+    server: EventsServer, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    """docs/deploying.md's prefix location: the page, its files and its stream all go
+    through /events/, and a message published reaches the page's table."""
+    with nginx(server.port, path_prefix="/events/") as proxied, driven_chromium() as driver:
+        page = Inspector(driver, server, base=proxied + "/events")
+        page.open()
+        page.set_binding(0, exchange.name, "#")
+        assert page.copied("copy-url").startswith(proxied + "/events/api/events/v1/connect/")
+        page.click("connect")
+        page.wait_state("ready")
+        await publish(exchange, "through.the.prefix", b'{"via": "nginx"}')
+        page.wait(lambda: [row[2] for row in page.rows()] == ["through.the.prefix"])

@@ -142,5 +142,6 @@ def message(
         }
     )
     # {"payload":<body>, + the rest without its opening brace: the key order of the original.
-    data = b'{"payload":' + payload + b"," + rest[1:]
-    return b"event: message\ndata: " + data + b"\nid: -\n\n", is_json
+    # One join: the body is copied once into the frame every matching stream shares.
+    parts = (b'event: message\ndata: {"payload":', payload, b",", rest[1:], b"\nid: -\n\n")
+    return b"".join(parts), is_json

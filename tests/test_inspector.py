@@ -28,6 +28,18 @@ from helpers import AMQP_URL, EventsServer, declare_exchange, delete_exchange, p
 pytestmark = [pytest.mark.broker]
 
 QUEUE = "exchange/taskcluster-queue/v1/"
+# The queue's exchanges keyed by task, with the method of Taskcluster's client for
+# each; task-group-resolved is keyed by task group only.
+TASK_EXCHANGES = {
+    "task-defined": "taskDefined",
+    "task-pending": "taskPending",
+    "task-running": "taskRunning",
+    "artifact-created": "artifactCreated",
+    "task-completed": "taskCompleted",
+    "task-failed": "taskFailed",
+    "task-exception": "taskException",
+}
+QUEUE_EXCHANGES = {**TASK_EXCHANGES, "task-group-resolved": "taskGroupResolved"}
 TASK_ID = "fN1kYkcFQXKUBy2dSlZ4XA"
 GROUP_ID = "Xr3aWtmsQlGbqDeUe3vPdg"
 
@@ -94,17 +106,8 @@ def send(exchange: str, key: str, payload: Any, routes: tuple[str, ...] = ()) ->
 def test_presets_fill_the_pattern_as_the_taskcluster_clients_do(page: Inspector) -> None:
     events = taskcluster.QueueEvents({"rootUrl": "https://tc.example.com"})
     expected: list[dict[str, str]] = []
-    for method, name in [
-        ("taskDefined", "task-defined"),
-        ("taskPending", "task-pending"),
-        ("taskRunning", "task-running"),
-        ("artifactCreated", "artifact-created"),
-        ("taskCompleted", "task-completed"),
-        ("taskFailed", "task-failed"),
-        ("taskException", "task-exception"),
-        ("taskGroupResolved", "task-group-resolved"),
-    ]:
-        kinds = ["taskGroupId"] if name == "task-group-resolved" else ["taskId", "taskGroupId"]
+    for name, method in QUEUE_EXCHANGES.items():
+        kinds = ["taskId", "taskGroupId"] if name in TASK_EXCHANGES else ["taskGroupId"]
         for kind in kinds:
             identifier = TASK_ID if kind == "taskId" else GROUP_ID
             page.add_preset(name, kind, identifier)
@@ -126,18 +129,7 @@ def test_presets_fill_the_pattern_as_the_taskcluster_clients_do(page: Inspector)
 
     page.open()
     page.add_preset("*", "taskId", TASK_ID)  # every exchange keyed by taskId
-    assert [b["exchange"] for b in page.bindings()] == [
-        QUEUE + name
-        for name in [
-            "task-defined",
-            "task-pending",
-            "task-running",
-            "artifact-created",
-            "task-completed",
-            "task-failed",
-            "task-exception",
-        ]
-    ]
+    assert [b["exchange"] for b in page.bindings()] == [QUEUE + name for name in TASK_EXCHANGES]
 
 
 @pytest.mark.browser
@@ -427,19 +419,7 @@ def test_the_page_answers_clicks_at_1000_messages_a_second(page: Inspector, topi
 def queue_exchanges() -> Iterator[list[str]]:
     """The Taskcluster queue's exchanges on the broker, as Taskcluster has them
     (declared here where missing, and removed again)."""
-    names = [
-        QUEUE + name
-        for name in (
-            "task-defined",
-            "task-pending",
-            "task-running",
-            "artifact-created",
-            "task-completed",
-            "task-failed",
-            "task-exception",
-            "task-group-resolved",
-        )
-    ]
+    names = [QUEUE + name for name in QUEUE_EXCHANGES]
 
     async def missing() -> list[str]:
         absent = []

@@ -16,9 +16,17 @@ const view = new MessageView($("messages"), $("counts"));
 
 // --- bindings --------------------------------------------------------------
 
+function blank() {
+  return { exchange: "", routingKeyPattern: "" };
+}
+
+function filledIn(binding) {
+  return binding.exchange !== "" || binding.routingKeyPattern !== "";
+}
+
 function bindingsFromPage() {
   const text = new URLSearchParams(location.search).get("bindings");
-  if (!text) return [{ exchange: "", routingKeyPattern: "" }];
+  if (!text) return [blank()];
   try {
     const list = JSON.parse(text).bindings;
     if (Array.isArray(list)) {
@@ -31,13 +39,12 @@ function bindingsFromPage() {
     // an unreadable link: start empty, and say so below
   }
   queueMicrotask(() => showCopied("The link's bindings could not be read."));
-  return [{ exchange: "", routingKeyPattern: "" }];
+  return [blank()];
 }
 
 /** The bindings as the stream's `bindings` parameter; blank rows left out. */
 function bindingsJson() {
-  const used = bindings.filter((b) => b.exchange !== "" || b.routingKeyPattern !== "");
-  return JSON.stringify({ bindings: used });
+  return JSON.stringify({ bindings: bindings.filter(filledIn) });
 }
 
 function keepInPageUrl() {
@@ -79,7 +86,7 @@ function renderBindings() {
 
 function addBindings(added) {
   // A preset takes the place of the blank row a fresh page starts with.
-  bindings = bindings.filter((b) => b.exchange !== "" || b.routingKeyPattern !== "");
+  bindings = bindings.filter(filledIn);
   bindings.push(...added);
   renderBindings();
   keepInPageUrl();
@@ -189,7 +196,7 @@ setUpPresets();
 renderBindings();
 showState("idle");
 $("add-binding").addEventListener("click", () => {
-  bindings.push({ exchange: "", routingKeyPattern: "" });
+  bindings.push(blank());
   renderBindings();
   $("bindings").tBodies[0].lastElementChild.querySelector("input").focus();
 });

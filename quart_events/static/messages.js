@@ -21,8 +21,6 @@ export class MessageView {
     this.filter = "";
     this.received = 0;
     this.dropped = 0;
-    this.rows = 0;
-    this.matching = 0;
     this.showCounts();
     table.addEventListener("click", (event) => this.toggleFrom(event.target));
     table.addEventListener("keydown", (event) => {
@@ -59,17 +57,13 @@ export class MessageView {
       fragment.append(this.render(...batch[i]));
     }
     this.table.tHead.after(fragment);
-    this.rows += batch.length - first;
     // The oldest rows go, except the ones someone expanded to read.
-    let body = this.table.tBodies[this.table.tBodies.length - 1];
-    while (this.rows > this.cap && body) {
-      const older = body;
-      body = body.previousElementSibling?.tagName === "TBODY" ? body.previousElementSibling : null;
-      if (older.rows.length > 1) continue;
-      if (!older.hidden) this.matching -= 1;
-      older.remove();
-      this.rows -= 1;
-      this.dropped += 1;
+    const bodies = this.table.tBodies;
+    for (let i = bodies.length - 1; i >= 0 && bodies.length > this.cap; i--) {
+      if (bodies[i].rows.length === 1) {
+        bodies[i].remove();
+        this.dropped += 1;
+      }
     }
     this.showCounts();
   }
@@ -88,7 +82,6 @@ export class MessageView {
       row.insertCell().textContent = text ?? "";
     }
     body.hidden = !this.matches(body);
-    if (!body.hidden) this.matching += 1;
     return body;
   }
 
@@ -113,11 +106,7 @@ export class MessageView {
 
   setFilter(text) {
     this.filter = text.trim().toLowerCase();
-    this.matching = 0;
-    for (const body of this.table.tBodies) {
-      body.hidden = !this.matches(body);
-      if (!body.hidden) this.matching += 1;
-    }
+    for (const body of this.table.tBodies) body.hidden = !this.matches(body);
     this.showCounts();
   }
 
@@ -134,13 +123,17 @@ export class MessageView {
   clear() {
     for (const body of [...this.table.tBodies]) body.remove();
     this.incoming = [];
-    this.received = this.dropped = this.rows = this.matching = 0;
+    this.received = this.dropped = 0;
     this.showCounts();
   }
 
   showCounts() {
-    const parts = [`${this.received} received`, `${this.rows} in view`];
-    if (this.filter) parts.push(`${this.matching} matching`);
+    const bodies = this.table.tBodies;
+    const parts = [`${this.received} received`, `${bodies.length} in view`];
+    if (this.filter) {
+      const matching = Array.prototype.filter.call(bodies, (body) => !body.hidden).length;
+      parts.push(`${matching} matching`);
+    }
     parts.push(`${this.dropped} dropped from view`);
     if (this.paused) parts.push(`${this.incoming.length} waiting`);
     this.countsElement.textContent = parts.join(" · ");

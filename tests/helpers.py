@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
@@ -352,3 +353,36 @@ class SSEReader:
 
     def data(self, name: str) -> list[Any]:
         return [json.loads(event.data) for event in self.named(name)]
+
+
+class RatePublisher(threading.Thread):
+    """Publishes ``rate`` messages a second of about 1 KiB for ``seconds``, on schedule."""
+
+    def __init__(self, exchange: str, rate: int, seconds: float) -> None:
+        super().__init__(daemon=True)
+        self.exchange, self.rate, self.seconds = exchange, rate, seconds
+        self.sent = 0
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._publish())
+
+    async def _publish(self) -> None:
+        body = json.dumps(
+            {"status": {"taskId": "fN1kYkcFQXKUBy2dSlZ4XA"}, "filler": "x" * 950}
+        ).encode()
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=False)
+            exchange = await channel.get_exchange(self.exchange)
+            total = int(self.rate * self.seconds)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            self.started.set()
+            while self.sent < total:
+                due = min(total, int((loop.time() - start) * self.rate) + 1)
+                while self.sent < due:
+                    message = aio_pika.Message(body)
+                    await exchange.publish(message, routing_key=f"load.{self.sent}")
+                    self.sent += 1
+                await asyncio.sleep(0.002)

@@ -10,7 +10,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 import uuid
@@ -23,8 +22,14 @@ import httpx
 import pytest
 import taskcluster
 from browser import Inspector, driven_chromium
-from helpers import AMQP_URL, EventsServer, declare_exchange, delete_exchange, publish
-from selenium.common.exceptions import StaleElementReferenceException
+from helpers import (
+    AMQP_URL,
+    EventsServer,
+    RatePublisher,
+    declare_exchange,
+    delete_exchange,
+    publish,
+)
 
 pytestmark = [pytest.mark.broker]
 
@@ -305,124 +310,44 @@ def test_disconnect_and_reconnect_after_the_server_restarts(driver: Any, topic: 
         first.stop()
 
 
-class RatePublisher(threading.Thread):
-    """Publishes ``rate`` messages a second of about 1 KiB for ``seconds``, on schedule."""
-
-    def __init__(self, exchange: str, rate: int, seconds: float) -> None:
-        super().__init__(daemon=True)
-        self.exchange, self.rate, self.seconds = exchange, rate, seconds
-        self.sent = 0
-        self.started = threading.Event()
-
-    def run(self) -> None:
-        asyncio.run(self._publish())
-
-    async def _publish(self) -> None:
-        body = json.dumps({"status": {"taskId": TASK_ID}, "filler": "x" * 950}).encode()
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            channel = await connection.channel(publisher_confirms=False)
-            exchange = await channel.get_exchange(self.exchange)
-            total = int(self.rate * self.seconds)
-            loop = asyncio.get_running_loop()
-            start = loop.time()
-            self.started.set()
-            while self.sent < total:
-                due = min(total, int((loop.time() - start) * self.rate) + 1)
-                while self.sent < due:
-                    message = aio_pika.Message(body)
-                    await exchange.publish(message, routing_key=f"load.{self.sent}")
-                    self.sent += 1
-                await asyncio.sleep(0.002)
-
-
 @pytest.mark.browser
 @pytest.mark.slow
-def test_the_page_answers_clicks_at_1000_messages_a_second(page: Inspector, topic: str) -> None:
+def test_the_page_stays_usable_at_1000_messages_a_second(page: Inspector, topic: str) -> None:
+    """Every click is answered while 5,000 messages arrive at 1,000/s, every message is
+    counted, and the table keeps its cap (the newest 500 rows, plus the rows someone
+    expanded to read). How fast a click paints is a figure: bench/inspector_clicks.py."""
     page.set_binding(0, topic, "load.#")
     page.click("connect")
     page.wait_state("ready")
-    send(topic, "load.first", {})
+    send(topic, "load.first", {"first": True})
     page.wait(lambda: len(page.rows()) == 1)
-
-    # How long each click takes to show on screen, measured in the page as a browser
-    # measures responsiveness (input event's time stamp to the frame after its
-    # handlers ran), and from here (WebDriver's round trips and polling included).
-    page.js(
-        """window.clickToPaint = [];
-        document.addEventListener("click", (event) => {
-          const began = event.timeStamp;
-          const painted = () => clickToPaint.push(performance.now() - began);
-          requestAnimationFrame(() => setTimeout(painted));
-        }, true);"""
-    )
-    outside: list[float] = []
-
-    def timed(action: Any, done: Any) -> None:
-        began = time.perf_counter()
-        action()
-        while not done():
-            assert time.perf_counter() - began < 5, "no answer to a click in 5 s"
-        outside.append(time.perf_counter() - began)
-
-    pause = page.element("pause")  # found once: each poll is then one WebDriver round trip
-
-    def clicks() -> None:
-        timed(pause.click, lambda: pause.text == "Resume")
-        timed(pause.click, lambda: pause.text == "Pause")
-        while True:
-            row = page.driver.find_element("css selector", "#messages tbody.message tr")
-            try:
-                expanded = row.get_attribute("aria-expanded")
-                timed(row.click, lambda r=row, e=expanded: r.get_attribute("aria-expanded") != e)
-                return
-            except StaleElementReferenceException:
-                # 500 newer rows pushed it out before WebDriver's click reached it (an
-                # expanded row stays): no click happened; take the newest row again.
-                continue
-
-    def painted(clicks: int) -> list[float]:
-        """The page's measures, once the last click's frame has been painted too."""
-        page.wait(lambda: page.js("return clickToPaint.length") == clicks, timeout=5)
-        return [ms / 1000 for ms in page.js("return clickToPaint.splice(0)")]
-
-    for _ in range(5):  # the same clicks on a quiet page, for comparison
-        clicks()
-    quiet = painted(len(outside))
-    quiet_outside = outside[:]
-    outside.clear()
-    page.click("clear")
+    first = page.driver.find_element("css selector", "#messages tbody.message tr")
+    first.click()  # expanded to read: it must outlive the cap
+    page.wait(lambda: first.get_attribute("aria-expanded") == "true", what="the row expanded")
 
     publisher = RatePublisher(topic, rate=1000, seconds=5)
     publisher.start()
     publisher.started.wait(10)
     page.wait(lambda: page.counts()["received"] > 200, what="load arriving")
-    page.js("clickToPaint.length = 0")
+    pause = page.element("pause")  # found once: each poll is then one WebDriver round trip
+    answered = 0
     while publisher.is_alive():
-        clicks()
-    inside = painted(len(outside))
+        for label in ("Resume", "Pause"):
+            pause.click()
+            page.wait(lambda label=label: pause.text == label, timeout=30, what=f"{label} shown")
+            answered += 1
     publisher.join(30)
     assert publisher.sent == 5000
-    page.wait(lambda: page.counts()["received"] == 5000, what="every message received")
+    page.wait(lambda: page.counts()["received"] == 5001, what="every message received")
+    assert answered >= 4  # clicks under load, each one answered
     counts = page.counts()
-    # The cap: the newest 500 rows, and older ones only if someone expanded them to read.
-    in_view = page.js("return [...document.querySelectorAll('#messages tbody.message')]")
-    beyond_cap = page.js("return arguments[0].slice(500).map(b => b.rows.length > 1)", in_view)
-    assert counts["in"] == len(in_view) >= 500
-    assert all(beyond_cap)
-    assert counts["dropped"] == 5000 - counts["in"]
-
-    def summary(seconds: list[float]) -> str:
-        ordered = sorted(seconds)
-        return f"median {ordered[len(ordered) // 2] * 1000:.0f} ms, max {ordered[-1] * 1000:.0f} ms"
-
-    print(
-        f"\n{len(inside)} clicks under 1,000 messages/s: click to paint {summary(inside)}; "
-        f"seen through WebDriver {summary(outside)}; quiet page: click to paint {summary(quiet)}, "
-        f"through WebDriver {summary(quiet_outside)}"
-    )
-    assert len(inside) == len(outside) >= 15
-    assert max(inside) < 0.2
+    # 500 rows: the expanded first one, kept at the bottom, and the newest 499.
+    keys = [row[2] for row in page.rows()]
+    assert counts["in"] == len(keys) == 500
+    assert keys == [f"load.{n}" for n in range(4999, 4500, -1)] + ["load.first"]
+    assert first.get_attribute("aria-expanded") == "true"
+    assert '"first"' in first.find_element("xpath", "following-sibling::tr").text
+    assert counts["dropped"] == 5001 - counts["in"]
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .topic import pattern_words
+
 MAX_NAME_BYTES = 255  # AMQP short string: routing keys
 # Exchange names as AMQP 0-9-1 defines them, which the AMQP library enforces.
 MAX_EXCHANGE_CHARS = 127
@@ -43,6 +45,7 @@ class Limits:
     """What a deployment accepts beyond the original contract."""
 
     max_bindings: int = 100
+    max_words: int = 2000  # routing-key pattern words of one stream, its bindings together
     allowed_exchanges: Sequence[str] = ("*",)
     denied_exchanges: Sequence[str] = field(default=("amq.*",))
 
@@ -115,4 +118,10 @@ def parse_bindings(raw: str | None, limits: Limits | None = None) -> list[Bindin
         if not limits.exchange_allowed(exchange):
             raise BindingError(f"bindings[{index}]: exchange `{exchange}` is not allowed")
         result.append(Binding(exchange, pattern))
+    # What the patterns cost to keep and to match grows with their words (topic.py).
+    words = sum(pattern_words(binding.routing_key_pattern) for binding in set(result))
+    if words > limits.max_words:
+        raise BindingError(
+            f"Too many routing-key words: {words} given in all, at most {limits.max_words} allowed"
+        )
     return result

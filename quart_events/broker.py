@@ -110,15 +110,8 @@ async def open_connection(
 async def check_broker(settings: PulseSettings) -> None:
     """Connect once (to any node) and leave: ``BrokerUnavailable`` if no node answers."""
     broker = Broker(settings, name="tc-events check")
-    for attempt in range(len(settings.nodes)):
-        try:
-            await broker._connect()
-        except BrokerUnavailable:
-            if attempt == len(settings.nodes) - 1:
-                raise
-        else:
-            await broker._drop_connection()
-            return
+    await broker._connect_to_any_node()
+    await broker._drop_connection()
 
 
 class Broker:
@@ -162,7 +155,7 @@ class Broker:
         ``connect_in_background``) keep trying in the background; either way, reconnect
         whenever the connection is lost."""
         if not connect_in_background:
-            await self._connect()
+            await self._connect_to_any_node()
             self.on_connected()
         self._supervisor = asyncio.ensure_future(self._supervise())
 
@@ -226,6 +219,18 @@ class Broker:
             self.generation,
             queue_name,
         )
+
+    async def _connect_to_any_node(self) -> None:
+        """One attempt on each node of the cluster in turn; ``BrokerUnavailable`` (the
+        last node's reason) only when none answers."""
+        for attempt in range(len(self.settings.nodes)):
+            try:
+                await self._connect()
+                return
+            except BrokerUnavailable as error:
+                if attempt == len(self.settings.nodes) - 1:
+                    raise
+                log.warning("%s; trying the next node", error)
 
     def _on_close(self, sender: Any, error: BaseException | None = None) -> None:
         if sender is not self._connection and sender is not self._consume_channel:

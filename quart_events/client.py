@@ -21,7 +21,7 @@ from httpx_sse import aconnect_sse
 
 from .bindings import parse_bindings
 from .broker import open_connection
-from .errors import BrokerUnavailable
+from .errors import BindFailed, BrokerUnavailable
 from .settings import PulseSettings
 
 CONNECT_PATH = "/api/events/v1/connect/"
@@ -86,7 +86,7 @@ async def publish(
 ) -> None:
     """Publish as Taskcluster does: JSON body, persistent, routes as ``CC: route.<r>``.
 
-    Raises ``BrokerUnavailable`` when no node answers, ``LookupError`` naming the
+    Raises ``BrokerUnavailable`` when no node answers, ``ExchangeMissing`` naming the
     exchange when it does not exist.
     """
     connection = None
@@ -103,7 +103,7 @@ async def publish(
         try:
             target = await channel.get_exchange(exchange, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
-            raise LookupError(f"exchange `{exchange}` does not exist") from None
+            raise BindFailed.missing(exchange) from None
         message = aio_pika.Message(
             body,
             content_type="application/json",

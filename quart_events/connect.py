@@ -109,7 +109,16 @@ class ConnectEndpoint:
             return
         if len(self.hub.streams) >= settings.max_streams:
             self.opened.labels("over_limit").inc()
-            await self._refuse(send, event_source)
+            await self._refuse(send, event_source, "Too many streams on this server")
+            return
+        fits, never = self.hub.binding_room(bindings)
+        if never is not None:
+            self.opened.labels("bad_input").inc()
+            await self._stream_of(send, sse.error(never))
+            return
+        if not fits:
+            self.opened.labels("over_limit").inc()
+            await self._refuse(send, event_source, "Too many bindings on this server")
             return
         await self._start_stream(send)
         client = _Client(send, self.hub.counts)
@@ -134,8 +143,8 @@ class ConnectEndpoint:
             client.stream.on_frames = client.stream.on_abort = no_op
             client.stream = client.request_task = None
 
-    async def _refuse(self, send: ASGISendCallable, event_source: bool) -> None:
-        """Over the stream limit. An EventSource stops for good on a 503, so it gets a
+    async def _refuse(self, send: ASGISendCallable, event_source: bool, why: str) -> None:
+        """Over a limit of this process. An EventSource stops for good on a 503, so it gets a
         stream that ends at once and asks it to come back later, as on shutdown; other
         clients get the 503. Either way the delay is jittered within the retry window."""
         if event_source:
@@ -146,7 +155,7 @@ class ConnectEndpoint:
         await self._plain(
             send,
             503,
-            "Too many streams on this server; retry later.\n",
+            f"{why}; retry later.\n",
             [(b"retry-after", retry_after)],
         )
 

@@ -76,6 +76,23 @@ class Hub:
             self._ready(stream)
         return stream
 
+    def binding_room(self, bindings: Iterable[Binding]) -> tuple[bool, str | None]:
+        """Whether this process may take ``bindings`` now (pattern words it holds are bounded:
+        they are what matching a message costs, and memory); else why not, when waiting
+        cannot help (the bindings alone are over a bound)."""
+        settings, shared = self.settings, self.shared
+        words, inner = shared.words_to_add(bindings)
+        if inner > settings.max_inner_hash_words:
+            return False, (
+                f"Too many words in patterns with a `#` before their last word: {inner} given, "
+                f"at most {settings.max_inner_hash_words} allowed"
+            )
+        fits = (
+            shared.words + words <= settings.max_binding_words
+            and shared.inner_hash_words + inner <= settings.max_inner_hash_words
+        )
+        return fits, None
+
     def close(self, stream: Stream, peer: str | None = None) -> None:
         """Forget a stream (its client left or it ended); release what it held."""
         if stream not in self.streams:

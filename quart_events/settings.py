@@ -68,6 +68,9 @@ class ServerSettings(BaseModel):
     cors_allow_origin: str
     max_streams: int = Field(ge=1)
     max_bindings_per_stream: int = Field(ge=0)
+    max_words_per_stream: int = Field(ge=1)
+    max_binding_words: int = Field(ge=1)
+    max_inner_hash_words: int = Field(ge=0)
     allowed_exchanges: list[str]
     denied_exchanges: list[str]
     buffer_messages: int = Field(ge=1)
@@ -104,6 +107,7 @@ class ServerSettings(BaseModel):
     def limits(self) -> Limits:
         return Limits(
             max_bindings=self.max_bindings_per_stream,
+            max_words=self.max_words_per_stream,
             allowed_exchanges=tuple(self.allowed_exchanges),
             denied_exchanges=tuple(self.denied_exchanges),
         )

@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from .bindings import Binding
 from .errors import BindFailed, NotConnected
+from .topic import inner_hash, pattern_words
 
 log = logging.getLogger(__name__)
 RETRY_PAUSE = 0.05  # after a bind interrupted while the connection stayed up
@@ -49,10 +50,12 @@ class Binder(Protocol):
 class SharedBinding:
     """One binding's life on the broker."""
 
-    __slots__ = ("binding", "failure", "generation", "refs")
+    __slots__ = ("binding", "failure", "generation", "inner_hash", "refs", "words")
 
     def __init__(self, binding: Binding) -> None:
         self.binding = binding
+        self.words = pattern_words(binding.routing_key_pattern)
+        self.inner_hash = inner_hash(binding.routing_key_pattern)
         self.refs = 0  # streams that use it
         self.generation = 0  # the connection it is bound on; 0: not bound
         self.failure: BaseException | None = None  # why the broker refused it
@@ -63,6 +66,8 @@ class SharedBindings:
 
     def __init__(self, binder: Binder) -> None:
         self.binder = binder
+        self.words = 0  # pattern words of every binding held: what matching costs
+        self.inner_hash_words = 0  # of which in patterns with a `#` inside (topic.py)
         self.on_settled: Callable[[SharedBinding], None] = lambda _: None
         self._shares: dict[Binding, SharedBinding] = {}
         self._dirty: dict[Binding, None] = {}  # an ordered set: changed since last reconciled
@@ -77,6 +82,17 @@ class SharedBindings:
     def pending(self) -> int:
         """Bindings waiting for the broker (bind or unbind)."""
         return len(self._dirty) + (self._busy is not None)
+
+    def words_to_add(self, bindings: Iterable[Binding]) -> tuple[int, int]:
+        """(pattern words, of which inner-``#`` words) that ``bindings`` would add."""
+        words = inner = 0
+        for binding in set(bindings):
+            if binding not in self._shares:
+                share_words = pattern_words(binding.routing_key_pattern)
+                words += share_words
+                if inner_hash(binding.routing_key_pattern):
+                    inner += share_words
+        return words, inner
 
     def bindings(self) -> set[Binding]:
         """Bindings held on the broker or about to be."""
@@ -96,6 +112,8 @@ class SharedBindings:
         share = self._shares.get(binding)
         if share is None:
             share = self._shares[binding] = SharedBinding(binding)
+            self.words += share.words
+            self.inner_hash_words += share.words if share.inner_hash else 0
         share.refs += 1
         if share.failure is not None:
             share.failure = None  # refused before: the exchange may exist by now
@@ -110,7 +128,7 @@ class SharedBindings:
         if share is not self._busy and not self.in_effect(share):
             # Never bound on this connection: nothing to undo on the broker.
             self._dirty.pop(share.binding, None)
-            del self._shares[share.binding]
+            self._forget(share)
         else:
             self._mark(share.binding)
 
@@ -182,4 +200,9 @@ class SharedBindings:
         if share.refs:  # wanted again meanwhile: bind it again, in order
             self._dirty[binding] = None
         else:
-            del self._shares[binding]
+            self._forget(share)
+
+    def _forget(self, share: SharedBinding) -> None:
+        del self._shares[share.binding]
+        self.words -= share.words
+        self.inner_hash_words -= share.words if share.inner_hash else 0

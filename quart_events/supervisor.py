@@ -67,13 +67,19 @@ class _Worker:
 
 
 def check_port(settings: Settings) -> None:
-    """Raise ``OSError`` now if the workers could not listen on the port (it is taken)."""
+    """Raise ``OSError`` now if the workers could not listen on the port.
+
+    The probe binds without ``SO_REUSEPORT``, so a port that another instance's
+    workers share is taken for it too (with the option the kernel would let this
+    instance in beside them and split their clients); with ``SO_REUSEADDR``, as the
+    workers' own sockets, so connections of a stopped instance in TIME-WAIT do not
+    hold the port."""
     server = settings.server
     if server.port == 0:
         raise OSError(errno.EINVAL, "several workers need a fixed port, not 0")
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((server.host, server.port))  # not listening: it takes no connection
 
 

@@ -19,8 +19,9 @@ import click
 from .bindings import BindingError
 from .client import Listener, ServerError, bindings_document
 from .client import publish as publish_message
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, ExchangeMissing
 from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
+from .sse import json_body
 
 EXIT_TIMEOUT = 3
 
@@ -107,13 +108,14 @@ def publish(
 ) -> None:
     """Publish a JSON message as Taskcluster does (body from standard input if not given)."""
     text = sys.stdin.read() if body in (None, "-") else body
-    try:
-        json.loads(text)
-    except ValueError:
-        raise click.ClickException("the message body is not valid JSON") from None
+    if json_body(text.encode("utf-8", "surrogatepass")) is None:
+        # The server's own rule: strict JSON, which a browser's JSON.parse takes.
+        raise click.ClickException(
+            "the message body is not valid JSON (NaN and Infinity are not JSON either)"
+        )
     pulse = settings_of(profile, config_file, {}).pulse
     try:
         run_loop(publish_message(pulse, exchange, routing_key, text.encode(), routes))
-    except (BrokerUnavailable, LookupError) as error:
-        click.echo(f"tc-events: {str(error).strip(chr(39))}", err=True)
+    except (BrokerUnavailable, ExchangeMissing) as error:
+        click.echo(f"tc-events: {error}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -184,3 +184,40 @@ def test_bindings_built_by_the_taskcluster_client_are_accepted() -> None:
         "exchange/taskcluster-queue/v1/task-defined",
         "exchange/taskcluster-queue/v1/task-failed",
     ]
+
+
+def the_issues_costly_patterns(count: int = 100) -> dict[str, object]:
+    """100 bindings of the shape ``a.*.a.*...#.a.#.a...`` (240 bytes each): accepted once,
+    they made one 128-word key take 102 ms to match for a single stream."""
+    patterns = []
+    for n in range(count):
+        head = ".".join("a" if (n >> (i % 7)) & 1 else "*" for i in range(60))  # distinct
+        tail = ".".join("#" if (i + n) % 3 == 0 else "a" for i in range(60))
+        patterns.append(f"{head}.{tail}"[:240].rstrip("."))
+    return {"bindings": [{"exchange": "exchange/x", "routingKeyPattern": p} for p in patterns]}
+
+
+def test_a_stream_holds_a_bounded_number_of_pattern_words() -> None:
+    value = the_issues_costly_patterns()
+    words = sum(
+        len(b["routingKeyPattern"].replace("#.#", "#").split("."))  # type: ignore[index]
+        for b in value["bindings"]  # type: ignore[attr-defined]
+    )
+    message = error_of(json.dumps(value))
+    assert message.startswith("Too many routing-key words: ")
+    assert message.endswith(" given in all, at most 2000 allowed")
+    assert 2000 < int(message.split(": ")[1].split()[0]) <= words
+    # As many as the bound allows pass; equal bindings count once.
+    assert parse(the_issues_costly_patterns(16))
+    assert parse({"bindings": the_issues_costly_patterns(16)["bindings"] * 6})  # type: ignore[operator]
+    small = Limits(max_words=3)
+    assert parse({"bindings": [{"exchange": "e", "routingKeyPattern": "a.*.#"}]}, small)
+    assert error_of(
+        json.dumps({"bindings": [{"exchange": "e", "routingKeyPattern": "a.*.b.#"}]}), small
+    ) == ("Too many routing-key words: 4 given in all, at most 3 allowed")
+
+
+def test_a_hundred_taskcluster_bindings_fit_in_the_word_bound() -> None:
+    events = taskcluster.QueueEvents({"rootUrl": "https://tc.example.com"})
+    built = [events.taskCompleted({"taskId": f"task{n:018d}"}) for n in range(100)]
+    assert len(parse({"bindings": built})) == 100

@@ -19,6 +19,7 @@ from helpers import (
     arabbitmqctl,
     declare_exchange,
     delete_exchange,
+    free_port,
     publish,
     run_server,
     wait_until,
@@ -26,6 +27,7 @@ from helpers import (
 from tcp_proxy import TcpProxy
 
 from quart_events.broker import Broker
+from quart_events.errors import BrokerUnavailable
 from quart_events.settings import load_settings
 
 pytestmark = pytest.mark.broker
@@ -303,3 +305,27 @@ def test_instances_start_on_nodes_picked_at_random_and_move_on_after_a_failure()
     assert settings.pulse.nodes == [("a", 1), ("b", 2), ("c", 5672)]
     firsts = {Broker(settings.pulse)._next_node % 3 for _ in range(60)}
     assert firsts == {0, 1, 2}  # instances spread over the nodes
+
+
+async def test_start_tries_every_node_of_the_cluster_list() -> None:
+    """A closed first node does not fail the start: the next node is tried at once (once
+    6 of 10 starts exited 1 with the first node closed), and a start fails only when
+    no node answers, naming the last one."""
+    closed = free_port()
+    settings = load_settings(
+        "test", overrides={"pulse": {"hostname": f"127.0.0.1:{closed},127.0.0.1:5672"}}
+    )
+    broker = Broker(settings.pulse)
+    broker._next_node = 0  # the closed node first, whatever the random start
+    await broker.start()
+    try:
+        assert broker.is_connected and broker.queue_name
+    finally:
+        await broker.close()
+    nowhere = load_settings(
+        "test", overrides={"pulse": {"hostname": f"127.0.0.1:{closed},127.0.0.1:{free_port()}"}}
+    )
+    with pytest.raises(BrokerUnavailable, match="connection refused"):
+        await Broker(nowhere.pulse).start()
+    with EventsServer.running({"PULSE_HOSTNAME": f"127.0.0.1:{closed},127.0.0.1:5672"}) as server:
+        assert server.stats()["broker_connected"]

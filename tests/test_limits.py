@@ -7,6 +7,7 @@ import json
 import urllib.parse
 from collections.abc import Iterator
 
+import aio_pika
 import httpx
 import pytest
 from browser import Browser
@@ -165,3 +166,51 @@ async def test_an_event_source_over_the_limit_comes_back_by_itself_and_gets_in()
                 await holder.close()  # a place frees up
                 await browser.wait_for("ready", timeout=10)
                 assert browser.reports[-1]["lastEventId"] == "-"
+
+
+async def test_a_process_holds_a_bounded_number_of_pattern_words(
+    exchange: aio_pika.abc.AbstractExchange,
+) -> None:
+    """What one process binds is bounded in pattern words (what matching costs, and
+    memory): past it, new bindings are turned away like streams over the limit, while
+    bindings it holds already are still taken; patterns with an inner `#` have a tighter
+    bound, and bindings that could never fit are told why."""
+    env = {
+        "TC_EVENTS_SERVER__MAX_BINDING_WORDS": "12",
+        "TC_EVENTS_SERVER__MAX_INNER_HASH_WORDS": "4",
+    }
+    name = exchange.name
+
+    def of(*patterns: str) -> list[dict[str, str]]:
+        return [{"exchange": name, "routingKeyPattern": p} for p in patterns]
+
+    with EventsServer.running(env) as bounded:
+        first = of("a.b.c.d", "a.b.*.#")  # 8 words
+        async with SSEReader(bounded.url(first)) as holder:
+            await holder.wait_for("ready")
+            async with httpx.AsyncClient(timeout=5) as client:
+                over = await client.get(bounded.url(of("x.y.z", "x.y")))  # 5 more: 13
+                assert over.status_code == 503
+                assert over.text == "Too many bindings on this server; retry later.\n"
+                assert int(over.headers["retry-after"]) > 0
+                as_event_source = await client.get(
+                    bounded.url(of("x.y.z", "x.y")), headers={"Accept": "text/event-stream"}
+                )
+                assert as_event_source.status_code == 200
+                assert as_event_source.text.startswith("event: reconnect\n")
+                never = await client.get(bounded.url(of("#.a.#.b.c")))  # alone over 4
+                assert never.status_code == 200
+                assert never.text == (
+                    'event: error\ndata: "Too many words in patterns with a `#` before their '
+                    'last word: 5 given, at most 4 allowed"\nid: -\n\n'
+                )
+            async with SSEReader(bounded.url(first)) as same:  # held already: no more words
+                await same.wait_for("ready")
+            async with SSEReader(bounded.url(of("x.y", "#.q"))) as fits:  # 2 + 2: 12
+                await fits.wait_for("ready")
+                await exchange.publish(aio_pika.Message(b"{}"), routing_key="p.q")
+                message = (await fits.wait_for("message"))[0]
+                assert json.loads(message.data)["routingKey"] == "p.q"
+        # Once the streams are gone, their words are free again.
+        async with SSEReader(bounded.url(of("x.y.z", "x.y", "k.l.m.n"))) as later:
+            await later.wait_for("ready")

@@ -130,6 +130,10 @@ async def test_publish_says_when_the_exchange_does_not_exist() -> None:
     assert result.stderr.strip() == "tc-events: exchange `exchange/test/none-such` does not exist"
     not_json = await tc_events("publish", "--profile", "test", "exchange/x", "k", "{oops")
     assert not_json.returncode == 1 and "not valid JSON" in not_json.stderr
+    for constant in ("NaN", '{"x": Infinity}', "[-Infinity]"):
+        refused = await tc_events("publish", "--profile", "test", "exchange/x", "k", constant)
+        assert refused.returncode == 1, constant
+        assert "not valid JSON (NaN and Infinity are not JSON either)" in refused.stderr
 
 
 async def test_listen_comes_back_after_the_servers_reconnect_frame(exchange_name: str) -> None:

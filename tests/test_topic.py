@@ -76,7 +76,7 @@ def test_discard_prunes_and_keeps_the_rest() -> None:
     assert len(trie) == 1
     trie.discard("a.#", "y")
     assert len(trie) == 0 and trie.match("a.b") == set()
-    assert not trie._root.children  # nothing left behind
+    assert trie._trie.root.children is None  # nothing left behind
 
 
 def reference_match(pattern: str, key: str) -> bool:
@@ -204,3 +204,37 @@ async def test_trie_equals_rabbitmq_on_random_keys_and_patterns() -> None:
     }
     assert not mismatches
     assert sum(map(len, received.values())) > 1000  # the comparison covered real traffic
+
+
+def test_inner_hash_patterns_come_and_go() -> None:
+    """The bit-parallel part is rebuilt after each change and agrees with plain matching."""
+    rng = random.Random(11)
+    trie: TopicTrie[int] = TopicTrie()
+    held: dict[int, str] = {}
+    keys = [random_words(rng, ["a", "b", ""], 0, 8) for _ in range(40)]
+    for step in range(300):
+        if held and rng.random() < 0.4:
+            n = rng.choice(list(held))
+            trie.discard(held.pop(n), n)
+        else:
+            pattern = random_words(rng, ["a", "b", "*", "#", ""], 1, 6)
+            held[step] = pattern
+            trie.add(pattern, step)
+        key = rng.choice(keys)
+        assert trie.match(key) == {n for n, p in held.items() if reference_match(p, key)}
+    assert len(trie) == len(held)
+
+
+def test_the_issues_costly_patterns_match_as_rabbitmq_would() -> None:
+    """The shape that once took 102 ms per 128-word key for one stream, at the most a
+    stream may hold (bench/topic_worst.py prints the time)."""
+    words = [["a" if (i + n) % 2 else "*" for i in range(60)] for n in range(16)]
+    patterns = [
+        ".".join([*w, *("#" if (i + n) % 3 == 0 else "a" for i in range(59))])
+        for n, w in enumerate(words)
+    ]
+    trie: TopicTrie[int] = TopicTrie()
+    for n, pattern in enumerate(patterns):
+        trie.add(pattern, n)
+    for key in (".".join(["a"] * 128), ".".join(["a"] * 119), ".".join(["a"] * 127 + ["b"])):
+        assert trie.match(key) == {n for n, p in enumerate(patterns) if reference_match(p, key)}

@@ -181,3 +181,28 @@ async def test_workers_that_keep_failing_at_start_make_the_parent_give_up() -> N
             assert "starting it again in" in output and "Traceback" not in output
         finally:
             server.stop()
+
+
+async def test_the_port_check_refuses_a_port_other_workers_share_and_not_time_wait() -> None:
+    """A second `--workers` instance on the port of a first is refused (the kernel once
+    split clients between them); and right after a single-process instance stopped
+    with connections open (TIME-WAIT), `--workers` starts on its port at once."""
+    single = EventsServer.start()
+    port = single.port
+    async with SSEReader(single.url([])) as reader:
+        await reader.wait_for("ready")
+        assert single.stop() == 0  # the server closes first: TIME-WAIT on its side
+    first = EventsServer.start(port=port, args=["--workers", "2"])
+    try:
+        second = EventsServer.start(port=port, args=["--workers", "2"], wait=False)
+        try:
+            assert second.process.wait(30) == 1
+        finally:
+            second.stop()
+        assert second.output().strip().splitlines()[-1] == (
+            f"tc-events: cannot listen on http://127.0.0.1:{port}: Address already in use"
+        )
+        async with SSEReader(first.url([])) as reader:
+            await reader.wait_for("ready")
+    finally:
+        first.stop()

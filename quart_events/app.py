@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -29,6 +30,7 @@ from quart import Quart, Response, send_file
 
 from .broker import Broker
 from .connect import ConnectEndpoint
+from .descriptors import DescriptorWatch
 from .hub import Hub
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
@@ -65,6 +67,7 @@ class Service:
     metrics: Metrics
     started_at: float = field(default_factory=time.monotonic)
     timers: list[asyncio.Task[None]] = field(default_factory=list)
+    descriptors: DescriptorWatch | None = None  # set when serving: the open files limit
 
     async def start(self) -> None:
         """Connect to the broker and start the timers; raise ``BrokerUnavailable``. Idempotent."""
@@ -84,6 +87,8 @@ class Service:
 
     async def tick(self, lateness: float) -> None:
         self.metrics.tick_lateness.observe(lateness)
+        if self.descriptors is not None:
+            self.descriptors.check()
         self.hub.drop_stuck_streams()
         await self.hub.ping_streams()
 
@@ -254,6 +259,7 @@ async def _pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: in
 hypercorn_h2.StreamBuffer.pop = _pop_with_backpressure  # type: ignore[method-assign]
 
 TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdown
+TLS_HANDSHAKE_TIMEOUT = 5.0  # seconds a TLS client has to complete its handshake
 
 
 class _AsyncioForHypercorn:
@@ -282,6 +288,9 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = settings.server.shutdown_grace
+    # A TLS client that never sends its ClientHello holds a descriptor this long (60 s
+    # by default): long enough for a few hundred idle connections to starve the rest.
+    config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     # Room for a long request line (Taskcluster clients' bindings are ~2 KB each) plus headers.
     config.h11_max_incomplete_size = settings.server.max_request_line + 16 * 1024
     if settings.server.certfile is not None and settings.server.keyfile is not None:
@@ -300,7 +309,7 @@ def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     )
 
 
-async def serve_app(app: Quart, reuse_port: bool = False) -> None:
+async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then end every stream and stop.
 
     The broker is connected and the socket bound before hypercorn starts, so an
@@ -329,14 +338,19 @@ async def serve_app(app: Quart, reuse_port: bool = False) -> None:
         listeners[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
     host, port = listeners[0].getsockname()[:2]
     scheme = "https" if server.certfile is not None else "http"
+    open_files = open_files or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    service.descriptors = DescriptorWatch(open_files)
     log.info(
-        "listening on %s://%s:%s, RabbitMQ node %s vhost %s, queue %s",
+        "listening on %s://%s:%s, RabbitMQ node %s vhost %s, queue %s, "
+        "open files limit %d, at most %d streams",
         scheme,
         host,
         port,
         service.broker.node or "(not connected yet)",
         pulse.vhost,
         service.broker.queue_name or "(none yet)",
+        open_files,
+        server.max_streams,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

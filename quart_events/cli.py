@@ -17,6 +17,7 @@ from . import logs
 from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
 from .broker import check_broker
+from .descriptors import fit_to_open_files
 from .errors import BrokerUnavailable
 from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
 from .settings import Settings, load_settings
@@ -111,8 +112,9 @@ def server(
             sys.exit(Supervisor(_worker_command(), settings).run())
         if worker_index is None:
             _log_settings(settings)
+        settings, open_files = fit_to_open_files(settings)
         app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
-        run_loop(serve_app(app, reuse_port=worker_index is not None))
+        run_loop(serve_app(app, reuse_port=worker_index is not None, open_files=open_files))
     except BrokerUnavailable as error:
         if debug:
             raise

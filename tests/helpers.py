@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -107,6 +108,7 @@ class EventsServer:
         args: Sequence[str] = (),
         namespace: str | None = None,
         wait: bool = True,
+        open_files: tuple[int, int] | None = None,
     ) -> EventsServer:
         port = port or free_port()
         namespace = namespace or f"test-{uuid.uuid4().hex[:10]}"
@@ -129,6 +131,10 @@ class EventsServer:
             cwd=ROOT,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # (soft, hard) limit of open files, as a service manager would set them
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files))
+            if open_files
+            else None,
         )
         log_file.close()
         server = cls(port, namespace, process, log_path, env)

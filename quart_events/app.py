@@ -310,7 +310,7 @@ def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then end every stream and stop.
+    """Serve until SIGTERM, SIGINT or SIGHUP, then end every stream and stop.
 
     The broker is connected and the socket bound before hypercorn starts, so an
     unreachable broker or a taken port surfaces here (``BrokerUnavailable``,
@@ -354,7 +354,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: as SIGTERM
         loop.add_signal_handler(signum, stop.set)
 
     async def shutdown_trigger() -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -86,7 +87,7 @@ def server(
     keyfile: Path | None,
     worker_index: int | None,
 ) -> None:
-    """Run the events service until SIGTERM or SIGINT."""
+    """Run the events service until SIGTERM, SIGINT or SIGHUP."""
     options = {
         "host": host,
         "port": port,
@@ -96,9 +97,12 @@ def server(
         "keyfile": keyfile,
     }
     overrides = {key: value for key, value in options.items() if value is not None}
+    flags: dict[str, Any] = {"server": overrides} if overrides else {}
     if worker_index is not None:
         overrides["workers"] = 1
-    flags = {"server": overrides} if overrides else {}
+        # The parent checked the broker at start; a worker started later (after a death)
+        # during an outage waits for it, as a running one does, instead of dying.
+        flags = {"server": overrides, "pulse": {"start_without_broker": True}}
     settings = settings_of(profile, config_file, flags)
     debug = context.obj["debug"]
     logs.configure(settings.server.log_level, settings.server.log_format, debug, worker_index)

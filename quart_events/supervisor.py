@@ -8,11 +8,19 @@ own broker connection, its own exclusive queue and its own listening socket
 them onto whichever process accepts first). The parent holds no broker connection
 and serves nothing.
 
-- SIGTERM or SIGINT to the parent (or to the whole process group): every worker ends
+- SIGTERM, SIGINT or SIGHUP to the parent (or to the whole process group): every worker ends
   its streams with the reconnect frame; the parent waits for them, up to
   ``server.shutdown_grace`` plus a margin, then kills what is left, and exits 0.
-- A worker that dies is started again after a backoff, and the log says so. Workers
-  that keep dying right after their start make the parent give up and exit 1.
+- SIGHUP is taken as SIGTERM (a closed terminal or a service manager's reload ends
+  the service cleanly, with the reconnect frame, instead of killing it).
+- A worker that dies is started again after a backoff, and the log says so. A
+  worker waits for the broker as a running one does (the parent checked it at
+  start), so an outage never makes workers die at start. When every worker keeps
+  dying right after its start the parent gives up and exits 1; while one is
+  healthy, the parent never takes it down: the others are retried (backoff up to
+  8 s) for as long as it takes.
+- The parent's metrics directory (``tc-events-metrics-<pid>-*``) is removed at its
+  end; one left by a parent that was killed is removed by the next start.
 - A worker ends when the parent dies (``PR_SET_PDEATHSIG``), so no orphan holds the port.
 """
 
@@ -30,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client import multiprocess
 
@@ -44,6 +53,24 @@ GIVE_UP_AFTER = 5  # early deaths in a row of one worker before the parent gives
 RESTART_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0)
 POLL = 0.1
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+METRICS_DIR_PREFIX = "tc-events-metrics-"
+
+
+def remove_stale_metrics_directories() -> None:
+    """Remove the metrics directories of parents that are gone (killed, so they could
+    not remove their own): ``tc-events-metrics-<pid>-*`` whose pid is not running."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name[len(METRICS_DIR_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left by a parent that is gone", path)
+        except PermissionError:
+            pass  # another user's process is running: not ours to touch
 
 
 def _die_with_parent(parent: int) -> None:
@@ -97,11 +124,10 @@ class Supervisor:
         return self.settings.server.workers
 
     def run(self) -> int:
-        metrics_dir = tempfile.mkdtemp(prefix="tc-events-metrics-")
+        remove_stale_metrics_directories()
+        metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         os.environ[MULTIPROCESS_DIR] = metrics_dir
-        previous = {
-            signum: signal.signal(signum, self._stop) for signum in (signal.SIGTERM, signal.SIGINT)
-        }
+        previous = {signum: signal.signal(signum, self._stop) for signum in STOP_SIGNALS}
         try:
             self.workers = [_Worker(index) for index in range(1, self.count + 1)]
             for worker in self.workers:
@@ -152,7 +178,7 @@ class Supervisor:
             worker.early_deaths += 1
         else:
             worker.early_deaths = 0
-        if worker.early_deaths >= GIVE_UP_AFTER:
+        if worker.early_deaths >= GIVE_UP_AFTER and not self._any_healthy(now):
             log.error(
                 "worker %d (pid %d) %s; it failed %d times right after its start: giving up",
                 worker.index,
@@ -171,6 +197,13 @@ class Supervisor:
         )
         worker.restart_at = now + delay
         return False
+
+    def _any_healthy(self, now: float) -> bool:
+        """A worker that runs and has outlived its start: the service is serving."""
+        return any(
+            w.process is not None and w.process.poll() is None and now - w.started >= EARLY_DEATH
+            for w in self.workers
+        )
 
     def _stop_all(self) -> None:
         """SIGTERM every worker, wait for them (grace plus a margin), then kill the rest."""

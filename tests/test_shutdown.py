@@ -1,6 +1,6 @@
 """Shutdown, seen by a browser (headless Chromium and its EventSource).
 
-On SIGTERM or SIGINT every stream ends with an empty id and a jittered `retry`, the
+On SIGTERM, SIGINT or SIGHUP every stream ends with an empty id and a jittered `retry`, the
 process exits 0, and the browser reconnects by itself, without Last-Event-ID, to the
 next server on the port and gets a fresh `ready`. A stream that ended with an
 `error`, by contrast, is answered 204 on reconnect and the EventSource stops.
@@ -24,7 +24,7 @@ from helpers import EventsServer, free_port, queues_of
 pytestmark = [pytest.mark.broker, pytest.mark.browser]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_shutdown_sends_clients_to_the_next_server(
     exchange: aio_pika.abc.AbstractExchange, sig: signal.Signals
 ) -> None:

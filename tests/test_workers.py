@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import aio_pika
 import psutil
@@ -30,6 +33,10 @@ def workers(count: int, env: dict[str, str] | None = None) -> Iterator[EventsSer
         yield server
     finally:
         server.stop()
+
+
+def metrics_directories_of(pid: int) -> list[Path]:
+    return list(Path(tempfile.gettempdir()).glob(f"tc-events-metrics-{pid}-*"))
 
 
 def children(server: EventsServer) -> list[psutil.Process]:
@@ -94,7 +101,10 @@ async def read_to_end(server: EventsServer, url: str, ready: asyncio.Event) -> b
     return body
 
 
-async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_frame() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_frame(
+    sig: signal.Signals,
+) -> None:
     with workers(2, {"TC_EVENTS_SERVER__SHUTDOWN_GRACE": "5"}) as server:
         await wait_until(lambda: len(queues_of(server.namespace)) == 2, 20, 0.5)
         readies = [asyncio.Event() for _ in range(12)]
@@ -103,8 +113,10 @@ async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_fram
         ]
         for ready in readies:
             await asyncio.wait_for(ready.wait(), 10)
+        metrics_dirs = metrics_directories_of(server.process.pid)
+        assert len(metrics_dirs) == 1
         started = time.monotonic()
-        server.process.send_signal(signal.SIGTERM)
+        server.process.send_signal(sig)
         ended = await asyncio.wait_for(asyncio.gather(*bodies), 20)
         assert await asyncio.to_thread(server.process.wait, 20) == 0
         assert time.monotonic() - started < 10
@@ -115,6 +127,7 @@ async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_fram
         assert not queues_of(server.namespace)
         output = server.output()
         assert "Traceback" not in output and "stopping 2 workers" in output
+        assert not metrics_dirs[0].exists()
 
 
 async def test_a_killed_worker_comes_back_and_the_others_never_notice(
@@ -159,21 +172,28 @@ async def test_a_killed_parent_leaves_no_worker_behind() -> None:
     with workers(2) as server:
         await wait_until(lambda: len(children(server)) == 2, 20, 0.2)
         pids = [child.pid for child in children(server)]
+        left = metrics_directories_of(server.process.pid)
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(10)
         await wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 20, 0.2)
         await wait_until(lambda: not queues_of(server.namespace), 20, 0.5)
+    # The killed parent could not remove its metrics directory: the next start does.
+    assert len(left) == 1 and left[0].exists()
+    with workers(2) as server:
+        await wait_until(lambda: len(children(server)) == 2, 20, 0.2)
+        assert not left[0].exists()
+        assert f"removed {left[0]}, left by a parent that is gone" in server.output()
 
 
 async def test_workers_that_keep_failing_at_start_make_the_parent_give_up() -> None:
-    with TcpProxy.running() as proxy:
-        env = {"PULSE_PORT": str(proxy.port)}
+    """Every worker dies right after its start (here: the metrics port is taken, which
+    the parent does not check): no worker is healthy, so the parent gives up."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {"TC_EVENTS_SERVER__METRICS_PORT": str(taken.getsockname()[1])}
         server = EventsServer.start(env, args=["--workers", "2"], wait=False)
         try:
-            # The parent's own check reaches the broker; then the broker goes away, so
-            # every worker fails to connect at its start, again and again.
-            await wait_until(lambda: "started 2 workers" in server.output(), 20, 0.01)
-            proxy.cut()
             code = await asyncio.to_thread(server.process.wait, 90)
             assert code == 1
             output = server.output()
@@ -181,6 +201,41 @@ async def test_workers_that_keep_failing_at_start_make_the_parent_give_up() -> N
             assert "starting it again in" in output and "Traceback" not in output
         finally:
             server.stop()
+
+
+async def test_a_worker_started_during_an_outage_waits_and_the_others_keep_serving() -> None:
+    """Broker gone, streams open on both workers, one worker killed: its replacement waits
+    for the broker (once it died five times and the parent then ended the healthy
+    worker's streams too); when the broker is back it serves, and the survivor's streams
+    never ended."""
+    with TcpProxy.running() as proxy:
+        env = {"PULSE_PORT": str(proxy.port), "TC_EVENTS_PULSE__WAIT_FOR_BROKER": "60"}
+        with workers(2, env) as server:
+            await wait_until(lambda: len(queues_of(server.namespace)) == 2, 20, 0.5)
+            readers = [SSEReader(server.url([])) for _ in range(8)]
+            try:
+                for reader in readers:
+                    await reader.__aenter__()
+                for reader in readers:
+                    await reader.wait_for("ready")
+                proxy.cut()
+                victim = children(server)[0]
+                victim.kill()
+                await wait_until(lambda: len(children(server)) == 2, 15, 0.2)
+                await asyncio.sleep(20)  # past five early deaths and their backoff (16 s)
+                assert server.process.poll() is None
+                assert len(children(server)) == 2
+                assert "giving up" not in server.output()
+                kept = [reader for reader in readers if not reader.ended.is_set()]
+                assert kept and all(len(r.named("ready")) == 1 for r in kept)
+                assert all(not r.named("reconnect") for r in kept)
+                proxy.restore()
+                await wait_until(lambda: len(queues_of(server.namespace)) == 2, 30, 0.5)
+                for reader in kept:
+                    await reader.wait_for("ready", 2, timeout=30)  # in effect again
+            finally:
+                for reader in readers:
+                    await reader.close()
 
 
 async def test_the_port_check_refuses_a_port_other_workers_share_and_not_time_wait() -> None:

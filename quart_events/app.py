@@ -32,6 +32,7 @@ from .broker import Broker
 from .connect import ConnectEndpoint
 from .descriptors import DescriptorWatch
 from .hub import Hub
+from .liveness import LIVENESS_FD, beat
 from .metrics import CONTENT_TYPE, Metrics
 from .settings import Settings
 from .shared_bindings import SharedBindings
@@ -354,6 +355,8 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    liveness = os.environ.pop(LIVENESS_FD, None)  # a worker: its parent hears it beat
+    beating = asyncio.ensure_future(beat(int(liveness))) if liveness else None
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: as SIGTERM
         loop.add_signal_handler(signum, stop.set)
 
@@ -374,5 +377,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     try:
         await asyncio.gather(*servers)
     finally:
+        if beating is not None:
+            beating.cancel()
         for listener in listeners:
             listener.close()

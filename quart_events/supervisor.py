@@ -21,7 +21,9 @@ and serves nothing.
   8 s) for as long as it takes.
 - The parent's metrics directory (``tc-events-metrics-<pid>-*``) is removed at its
   end; one left by a parent that was killed is removed by the next start.
-- A worker ends when the parent dies (``PR_SET_PDEATHSIG``), so no orphan holds the port.
+- A worker ends when the parent dies (``PR_SET_PDEATHSIG``, SIGKILL), so no orphan
+  holds the port; a worker that hangs is found by its silence (``liveness.py``),
+  killed and started again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from .liveness import LIVENESS_FD, SILENT_AFTER, Pulse
 from .metrics import MULTIPROCESS_DIR
 from .settings import Settings
 
@@ -74,14 +77,18 @@ def remove_stale_metrics_directories() -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """In the worker, before it runs: SIGTERM when the parent goes (Linux)."""
+    """In the worker, before it runs: SIGKILL when the parent goes (Linux).
+
+    SIGKILL, because a hung worker never acts on SIGTERM, and an orphan that holds the
+    port takes the next instance's clients. The parent dies only unclean (SIGTERM,
+    SIGINT and SIGHUP to it end every worker cleanly first)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the worker notices no parent death
         return
     if os.getppid() != parent:  # the parent went before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -91,6 +98,7 @@ class _Worker:
     started: float = 0.0
     restart_at: float | None = None
     early_deaths: int = 0
+    pulse: Pulse | None = None
 
 
 def check_port(settings: Settings) -> None:
@@ -147,12 +155,34 @@ class Supervisor:
 
     def _start(self, worker: _Worker) -> None:
         parent = os.getpid()
-        worker.process = subprocess.Popen(
-            [*self.command, "--worker-index", str(worker.index)],
-            preexec_fn=lambda: _die_with_parent(parent),
-        )
         worker.started = time.monotonic()
+        worker.pulse = pulse = Pulse(worker.started)
+        try:
+            worker.process = subprocess.Popen(
+                [*self.command, "--worker-index", str(worker.index)],
+                preexec_fn=lambda: _die_with_parent(parent),
+                pass_fds=(pulse.write_end,),
+                env={**os.environ, LIVENESS_FD: str(pulse.write_end)},
+            )
+        finally:
+            pulse.worker_started()
         worker.restart_at = None
+
+    def _check_alive(self, worker: _Worker, process: subprocess.Popen[bytes], now: float) -> None:
+        """Kill a worker that gave no sign of life for ``SILENT_AFTER`` s (it hangs: the
+        port still hands it connections); it is then started again as any dead one."""
+        if worker.pulse is None:
+            return
+        silent = worker.pulse.silent_for(now)
+        if silent > SILENT_AFTER:
+            log.error(
+                "worker %d (pid %d) gave no sign of life for %.0f s: killing it",
+                worker.index,
+                process.pid,
+                silent,
+            )
+            process.kill()
+            worker.pulse.last_beat = now  # once
 
     def _watch(self) -> int:
         """Until a signal: start workers that died again; 1 when they keep failing."""
@@ -163,6 +193,8 @@ class Supervisor:
                 if process is not None and process.poll() is not None:
                     if self._died(worker, process, now):
                         return 1
+                elif process is not None:
+                    self._check_alive(worker, process, now)
                 elif worker.restart_at is not None and now >= worker.restart_at:
                     self._start(worker)
             time.sleep(POLL)
@@ -171,6 +203,9 @@ class Supervisor:
     def _died(self, worker: _Worker, process: subprocess.Popen[bytes], now: float) -> bool:
         """Note a worker's death and plan its restart; ``True`` when it is time to give up."""
         worker.process = None
+        if worker.pulse is not None:
+            worker.pulse.close()
+            worker.pulse = None
         multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
         code = process.returncode
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"

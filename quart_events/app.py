@@ -31,6 +31,7 @@ from quart import Quart, Response, send_file
 from .broker import Broker
 from .connect import ConnectEndpoint
 from .descriptors import DescriptorWatch
+from .errors import ListenFailed
 from .hub import Hub
 from .liveness import LIVENESS_FD, beat
 from .metrics import CONTENT_TYPE, Metrics
@@ -315,22 +316,25 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
 
     The broker is connected and the socket bound before hypercorn starts, so an
     unreachable broker or a taken port surfaces here (``BrokerUnavailable``,
-    ``OSError``) rather than as hypercorn's ``LifespanFailureError``, and the
+    ``ListenFailed``) rather than as hypercorn's ``LifespanFailureError``, and the
     "listening" line is only printed when it is true.
     """
     service = service_of(app)
     server, pulse = service.settings.server, service.settings.pulse
     await service.start()
     listeners = []
-    try:
-        listeners.append(listen(server.host, server.port, reuse_port))
-        if server.metrics and server.metrics_port is not None:
-            listeners.append(listen(server.host, server.metrics_port, reuse_port))
-    except OSError:
-        for listener in listeners:
-            listener.close()
-        await service.stop()
-        raise
+    scheme = "https" if server.certfile is not None else "http"
+    wanted = [(f"{scheme}://{server.host}:{server.port}", server.port)]
+    if server.metrics and server.metrics_port is not None:
+        wanted.append((f"http://{server.host}:{server.metrics_port}", server.metrics_port))
+    for where, port in wanted:
+        try:
+            listeners.append(listen(server.host, port, reuse_port))
+        except OSError as error:
+            for listener in listeners:
+                listener.close()
+            await service.stop()
+            raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from error
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         # Accepted sockets inherit it (Linux): a client that vanished, or that stopped
         # reading for good, makes writes fail after write_timeout, and the kernel
@@ -338,7 +342,6 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
         timeout_ms = int(server.write_timeout * 1000)
         listeners[0].setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
     host, port = listeners[0].getsockname()[:2]
-    scheme = "https" if server.certfile is not None else "http"
     open_files = open_files or resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     service.descriptors = DescriptorWatch(open_files)
     log.info(

@@ -19,9 +19,10 @@ from .app import create_app, serve_app
 from .bindings import BindingError, parse_bindings
 from .broker import check_broker
 from .descriptors import fit_to_open_files
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, StartupError
 from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
 from .settings import Settings, load_settings
+from .startup import check_files
 from .supervisor import Supervisor, check_port
 from .tools import listen, publish
 
@@ -106,8 +107,8 @@ def server(
     settings = settings_of(profile, config_file, flags)
     debug = context.obj["debug"]
     logs.configure(settings.server.log_level, settings.server.log_format, debug, worker_index)
-    where = f"http://{settings.server.host}:{settings.server.port}"
     try:
+        check_files(settings)
         if settings.server.workers > 1:
             if not settings.pulse.start_without_broker:
                 run_loop(check_broker(settings.pulse))
@@ -119,16 +120,10 @@ def server(
         settings, open_files = fit_to_open_files(settings)
         app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
         run_loop(serve_app(app, reuse_port=worker_index is not None, open_files=open_files))
-    except BrokerUnavailable as error:
+    except (BrokerUnavailable, StartupError) as error:
         if debug:
             raise
         click.echo(f"tc-events: {error}", err=True)
-        sys.exit(EXIT_FAILURE)
-    except OSError as error:
-        if debug:
-            raise
-        reason = error.strerror or str(error)
-        click.echo(f"tc-events: cannot listen on {where}: {reason}", err=True)
         sys.exit(EXIT_FAILURE)
 
 

@@ -12,6 +12,14 @@ TOO_SLOW = "The stream was closed because the client read it too slowly."
 BINDING_FAILED = "binding failed"
 
 
+class StartupError(Exception):
+    """The server cannot start; the message says what failed and where (one line)."""
+
+
+class ListenFailed(StartupError):
+    """The listening socket cannot be had (the port is taken, the address is wrong)."""
+
+
 class BrokerError(Exception):
     """A broker failure, worded so it can be shown to a client or an operator."""
 

@@ -29,7 +29,6 @@ and serves nothing.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
+from .errors import ListenFailed
 from .liveness import LIVENESS_FD, SILENT_AFTER, Pulse
 from .metrics import MULTIPROCESS_DIR
 from .settings import Settings
@@ -102,7 +102,7 @@ class _Worker:
 
 
 def check_port(settings: Settings) -> None:
-    """Raise ``OSError`` now if the workers could not listen on the port.
+    """Raise ``ListenFailed`` now if the workers could not listen on the port.
 
     The probe binds without ``SO_REUSEPORT``, so a port that another instance's
     workers share is taken for it too (with the option the kernel would let this
@@ -110,12 +110,17 @@ def check_port(settings: Settings) -> None:
     workers' own sockets, so connections of a stopped instance in TIME-WAIT do not
     hold the port."""
     server = settings.server
+    scheme = "https" if server.certfile is not None else "http"
+    where = f"{scheme}://{server.host}:{server.port}"
     if server.port == 0:
-        raise OSError(errno.EINVAL, "several workers need a fixed port, not 0")
+        raise ListenFailed(f"cannot listen on {where}: several workers need a fixed port, not 0")
     family = socket.AF_INET6 if ":" in server.host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((server.host, server.port))  # not listening: it takes no connection
+        try:
+            probe.bind((server.host, server.port))  # not listening: it takes no connection
+        except OSError as error:
+            raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from None
 
 
 @dataclass

@@ -7,14 +7,44 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import aio_pika
+import helpers
 import pytest
 from helpers import AMQP_URL, EventsServer
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG_LINES = 150  # of each server's log, in the report of a failing test
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Server logs live in pytest's temporary directory (kept for the last few runs)."""
+    helpers.LOG_DIRECTORY = tmp_path_factory.mktemp("server-logs")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test shows the log of each server it started or that still runs."""
+    report = yield
+    if call.when == "setup":
+        item.stash[FIRST_SERVER] = len(helpers.STARTED)
+    if report.failed:
+        first = item.stash.get(FIRST_SERVER, len(helpers.STARTED))
+        for index, server in enumerate(helpers.STARTED):
+            if index >= first or server.process.poll() is None:
+                lines = server.output().splitlines()[-LOG_LINES:]
+                report.sections.append(
+                    (f"server log (port {server.port}, {server.log_path})", "\n".join(lines))
+                )
+    return report
+
+
+FIRST_SERVER = pytest.StashKey[int]()
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -25,6 +26,10 @@ import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Where server logs go: pytest's temporary directory when under pytest (conftest sets
+# it), else the system's. Every server started, so a failing test can show their logs.
+LOG_DIRECTORY: Path | None = None
+STARTED: list[EventsServer] = []
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -113,7 +118,7 @@ class EventsServer:
         port = port or free_port()
         namespace = namespace or f"test-{uuid.uuid4().hex[:10]}"
         env = {**os.environ, "PULSE_NAMESPACE": namespace, **(extra_env or {})}
-        log_path = Path(f"/tmp/tc-events-test-{namespace}.log")
+        log_path = (LOG_DIRECTORY or Path(tempfile.gettempdir())) / f"{namespace}.log"
         log_file = log_path.open("wb")
         process = subprocess.Popen(
             [
@@ -138,6 +143,7 @@ class EventsServer:
         )
         log_file.close()
         server = cls(port, namespace, process, log_path, env)
+        STARTED.append(server)
         if not wait:
             return server
         try:

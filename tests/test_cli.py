@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -138,4 +139,46 @@ def test_workers_need_a_port_they_can_share() -> None:
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"tc-events: cannot listen on http://127.0.0.1:{port}: Address already in use"
+    )
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_key_that_is_not_the_certificates_is_one_line_before_anything_starts(
+    certificates: tuple[Path, Path, Path], tmp_path: Path, workers: str
+) -> None:
+    """Once: "listening on https://..." then "cannot listen on http://...: [X509:
+    KEY_VALUES_MISMATCH]"; with --workers the workers died five times first."""
+    _, cert, _ = certificates
+    other_key = tmp_path / "other.key"
+    subprocess.run(
+        ["openssl", "genpkey", "-algorithm", "RSA", "-out", str(other_key)],
+        check=True,
+        capture_output=True,
+    )
+    port = str(free_port())
+    args = ["--port", port, "--workers", workers, "--certfile", str(cert)]
+    result = run_server(*args, "--keyfile", str(other_key))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        f"tc-events: server.certfile {cert} / server.keyfile {other_key}: "
+        "the key is not the certificate's"
+    )
+    assert not any("listening on" in line or "started" in line for line in lines)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a key\n")
+    result = run_server(*args, "--keyfile", str(garbage))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].endswith("not a PEM certificate and key")
+
+
+@pytest.mark.broker
+def test_a_missing_metrics_directory_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    result = run_server("--port", "0", env={"PROMETHEUS_MULTIPROC_DIR": str(missing)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tc-events: PROMETHEUS_MULTIPROC_DIR is '{missing}', which is not a directory "
+        "(the metrics of several workers are kept there)"
     )

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
 import aiormq.exceptions
 import httpx
-from httpx_sse import aconnect_sse
+from httpx_sse import ServerSentEvent, aconnect_sse
 
 from .bindings import parse_bindings
 from .broker import open_connection
@@ -25,6 +25,9 @@ from .errors import BindFailed, BrokerUnavailable
 from .settings import PulseSettings
 
 CONNECT_PATH = "/api/events/v1/connect/"
+MISSED_PINGS = 3  # pings missed in a row before a silent stream is given up
+FIRST_PING_WITHIN = 75.0  # seconds, before the interval is known (the default is 20 s)
+MIN_INTERVAL = 0.5  # seconds: a ping interval is never taken as shorter
 
 
 class ServerError(Exception):
@@ -40,10 +43,11 @@ class Listener:
     on_message: Callable[[dict[str, Any]], None]
     on_status: Callable[[str], None] = lambda _: None
     count: int = 0
+    received: int = 0
 
     async def run(self) -> None:
         parse_bindings(self.bindings_json)  # the server's own check, before any request
-        received = 0
+        self.received = 0
         url = self.url.rstrip("/") + CONNECT_PATH
         timeout = httpx.Timeout(30, read=None)
         async with httpx.AsyncClient(timeout=timeout) as client:
@@ -55,24 +59,56 @@ class Listener:
                         if source.response.status_code != 200:
                             raise ServerError(f"the server answered {source.response.status_code}")
                         self.on_status("connected")
-                        async for event in source.aiter_sse():
-                            if event.retry is not None:
-                                retry_ms = event.retry
-                            if event.event == "ready":
-                                self.on_status("ready: waiting for messages")
-                            elif event.event == "error":
-                                raise ServerError(json.loads(event.data))
-                            elif event.event == "message" and event.data:
-                                self.on_message(json.loads(event.data))
-                                received += 1
-                                if received == self.count:
-                                    return
+                        retry_ms = await self._follow(source.aiter_sse(), retry_ms)
+                        if self.count and self.received >= self.count:
+                            return
                 except httpx.TransportError as error:
                     self.on_status(f"connection lost ({type(error).__name__}); reconnecting")
+                except Silent as silence:
+                    self.on_status(f"{silence}; reconnecting")
                 # The stream ended without an error (shutdown, or the server was full):
                 # come back after the delay the server asked for, as an EventSource does.
                 self.on_status(f"reconnecting in {retry_ms / 1000:.1f} s")
                 await asyncio.sleep(retry_ms / 1000)
+
+    async def _follow(self, events: AsyncIterator[ServerSentEvent], retry_ms: int) -> int:
+        """Read one stream until it ends (or ``count`` messages came); the last retry.
+
+        A link that died without a word (no FIN, no RST: a laptop's suspend, a dropped
+        NAT entry) would leave the read waiting for ever: the server pings at a steady
+        interval, so a stream that stays silent for ``MISSED_PINGS`` intervals (the longest
+        gap between two pings seen so far; ``FIRST_PING_WITHIN`` before two pings came)
+        is given up."""
+        last_ping: float | None = None
+        interval: float | None = None  # the longest gap between two pings seen
+        while True:
+            wait = MISSED_PINGS * interval if interval else FIRST_PING_WITHIN
+            try:
+                event = await asyncio.wait_for(anext(events), wait)
+            except StopAsyncIteration:
+                return retry_ms
+            except TimeoutError:
+                raise Silent(f"no ping for {wait:.0f} s") from None
+            if event.retry is not None:
+                retry_ms = event.retry
+            if event.event == "ping":
+                now = asyncio.get_running_loop().time()
+                if last_ping is not None:
+                    interval = max(interval or MIN_INTERVAL, now - last_ping)
+                last_ping = now
+            elif event.event == "ready":
+                self.on_status("ready: waiting for messages")
+            elif event.event == "error":
+                raise ServerError(json.loads(event.data))
+            elif event.event == "message" and event.data:
+                self.on_message(json.loads(event.data))
+                self.received += 1
+                if self.received == self.count:
+                    return retry_ms
+
+
+class Silent(Exception):
+    """The stream sent nothing, not even a ping, for longer than its pings are apart."""
 
 
 def bindings_document(pairs: Sequence[tuple[str, str]]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,19 +27,55 @@ from .sse import json_body
 EXIT_TIMEOUT = 3
 
 
-def _print_message(message: dict[str, Any]) -> None:
-    if sys.stdout.isatty():  # for a person: a heading line, then the payload
-        now = datetime.now(UTC).strftime("%H:%M:%S")
-        routes = f"  routes: {', '.join(message['routes'])}" if message["routes"] else ""
-        click.echo(f"{now}  {message['exchange']}  {message['routingKey']}{routes}")
-        click.echo(json.dumps(message["payload"], indent=2, ensure_ascii=False))
-    else:  # for a program: one JSON object per line
-        click.echo(json.dumps(message, ensure_ascii=False))
+# C0 and C1 control characters and DEL: a publisher's text must never drive the
+# terminal (clear it, retitle it, write the clipboard with OSC 52).
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def _print_status(text: str) -> None:
-    if sys.stderr.isatty():
-        click.echo(f"\r\033[2K{text}", err=True, nl=False)
+def printable(text: str) -> str:
+    """``text`` with every control character shown as its escape (``\\x1b``)."""
+    return CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def as_json_line(value: Any, indent: int | None = None) -> str:
+    """JSON that any terminal or pipe takes: lone surrogates (valid JSON escapes, but not
+    encodable) stay escaped."""
+    text = json.dumps(value, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, indent=indent)
+    return text
+
+
+class Terminal:
+    """What ``listen`` writes: for a person (a terminal) or for a program (a pipe)."""
+
+    def __init__(self) -> None:
+        self.status_shown = False
+
+    def message(self, message: dict[str, Any]) -> None:
+        if sys.stdout.isatty():  # for a person: a heading line, then the payload
+            self._end_status()
+            now = datetime.now(UTC).strftime("%H:%M:%S")
+            routes = f"  routes: {', '.join(message['routes'])}" if message["routes"] else ""
+            heading = f"{now}  {message['exchange']}  {message['routingKey']}{routes}"
+            click.echo(printable(heading))
+            pretty = as_json_line(message["payload"], indent=2)
+            click.echo("\n".join(printable(line) for line in pretty.split("\n")))
+        else:  # for a program: one JSON object per line
+            click.echo(as_json_line(message))
+
+    def status(self, text: str) -> None:
+        if sys.stderr.isatty():
+            click.echo(f"\r\033[2K{printable(text)}", err=True, nl=False)
+            self.status_shown = True
+
+    def _end_status(self) -> None:
+        """The status line is erased before a message is shown, so the two never share it."""
+        if self.status_shown and sys.stderr.isatty():
+            click.echo("\r\033[2K", err=True, nl=False)
+            self.status_shown = False
 
 
 @click.command()
@@ -79,7 +116,8 @@ def listen(
     if url is None:
         server = settings_of(profile, config_file, {}).server
         url = f"http://{server.host}:{server.port}"
-    listener = Listener(url, bindings_json, _print_message, _print_status, count)
+    terminal = Terminal()
+    listener = Listener(url, bindings_json, terminal.message, terminal.status, count)
     try:
         run_loop(asyncio.wait_for(listener.run(), timeout))
     except TimeoutError:

@@ -7,7 +7,9 @@ listening (the broker looks gone); ``restore()`` listens again on the same port.
 broker go silent from there on (the broker never hears the rest): a way to catch
 the server in the middle of an operation and cut it there. With ``ssl`` the proxy
 speaks TLS to the server and plain AMQP to the broker. ``received`` keeps what the
-server sent, to check what went over the wire.
+server sent, to check what went over the wire. ``freeze()`` makes the connections
+open now go silent both ways without closing them (a link that died without a FIN
+or RST); new connections pass as before.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class TcpProxy:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._thread.start()
 
     def _call(self, coroutine: object) -> object:
@@ -53,6 +56,8 @@ class TcpProxy:
                         while await reader.read(65536):  # swallow the rest: it never arrives
                             pass
                         break
+                if writer in self._frozen:
+                    continue  # a dead link: what is sent goes nowhere, nothing closes
                 writer.write(data)
                 await writer.drain()
         writer.close()
@@ -91,6 +96,9 @@ class TcpProxy:
         self._call(self._cut())
 
     restore = listen
+
+    def freeze(self) -> None:
+        self._loop.call_soon_threadsafe(self._frozen.update, set(self._writers))
 
     def hold_on(self, marker: bytes) -> None:
         self.held.clear()

@@ -25,6 +25,7 @@ from helpers import (
     declare_exchange,
     delete_exchange,
     free_port,
+    wait_until,
 )
 from tcp_proxy import TcpProxy
 
@@ -259,3 +260,86 @@ async def publish_with_routes(exchange: str, key: str, payload: object) -> None:
         target = await channel.get_exchange(exchange)
         body = json.dumps(payload).encode()
         await target.publish(aio_pika.Message(body, headers={"CC": ["route.index.a"]}), key)
+
+
+async def test_listen_notices_a_dead_link_by_missed_pings_and_comes_back(
+    server: EventsServer, exchange_name: str
+) -> None:
+    """A link that dies without a word (no FIN, no RST): once, listen waited its whole
+    --timeout with ~55 pings missed. Now it gives the stream up after three ping
+    intervals, reconnects and gets what is published then."""
+    proxy = TcpProxy(target_port=server.port)
+    proxy.listen()
+    try:
+        listening = await start_listen(
+            *["--url", f"http://127.0.0.1:{proxy.port}", "-e", exchange_name, "-p", "#"],
+            *["--count", "1", "--timeout", "60"],
+        )
+        await wait_until(lambda: server.stats()["streams"] == 1, timeout=20)
+        await asyncio.sleep(2.5)  # two pings (1 s apart in the test profile): the interval
+        ended = server.output().count("stream ended")
+        proxy.freeze()
+        # Within about three intervals the listener gives the silent stream up (closing
+        # it: the proxy passes that on) and is back, on a new connection.
+        await wait_until(lambda: server.output().count("stream ended") > ended, timeout=20)
+        await wait_until(lambda: server.stats()["streams"] == 1, timeout=20)
+        await wait_until(lambda: (exchange_name, "#") in server.broker_bindings(), timeout=10)
+        await asyncio.sleep(0.5)
+        await publish_with_routes(exchange_name, "after.freeze", {"back": True})
+        stdout, stderr = await asyncio.wait_for(listening.communicate(), 30)
+        assert listening.returncode == 0, stderr
+        assert json.loads(stdout.decode())["payload"] == {"back": True}
+    finally:
+        proxy.close()
+
+
+async def test_listen_prints_any_valid_json_and_never_lets_a_publisher_drive_the_terminal(
+    server: EventsServer, exchange_name: str
+) -> None:
+    """A lone surrogate escape is valid JSON (it once crashed listen with a traceback);
+    control characters in a payload or a routing key (OSC title, OSC 52 clipboard,
+    clear screen) are shown escaped on a terminal; the status line is erased before a
+    message heading."""
+    piped = await start_listen("--url", server.base, "-e", exchange_name, "-p", "#", "--count", "1")
+    await wait_until(lambda: (exchange_name, "#") in server.broker_bindings(), timeout=20)
+    await publish_raw(exchange_name, "k", b'{"note": "\\ud800"}')
+    stdout, stderr = await asyncio.wait_for(piped.communicate(), 30)
+    assert piped.returncode == 0, stderr
+    assert b"Traceback" not in stderr
+    assert json.loads(stdout.decode())["payload"] == {"note": "\ud800"}
+
+    out, err = Terminal(), Terminal()
+    process = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "quart_events", "listen", "--url", server.base],
+        *["-e", exchange_name, "-p", "#", "--count", "1"],
+        cwd=ROOT,
+        stdout=out.follower,
+        stderr=err.follower,
+    )
+    try:
+        for _ in range(100):
+            if "ready: waiting for messages" in err.read(0.1):
+                break
+        hostile = "\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b1m"
+        await publish_raw(exchange_name, f"key.{hostile}", json.dumps({"text": hostile}).encode())
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        shown = out.read()
+        assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown
+        assert "key.\\x1b]0;owned\\x07" in shown  # the routing key, escaped
+        assert '"\\u001b]0;owned\\u0007' in shown  # the payload, as JSON escapes it
+        assert "\\x9b1m" in shown
+        assert err.read().endswith("\r\x1b[2K")  # the status line erased before the heading
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        out.close()
+        err.close()
+
+
+async def publish_raw(exchange: str, key: str, body: bytes) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        target = await channel.get_exchange(exchange)
+        await target.publish(aio_pika.Message(body), key)

@@ -92,6 +92,7 @@ class Service:
         if self.descriptors is not None:
             self.descriptors.check()
         self.hub.drop_stuck_streams()
+        self.hub.tell_of_drops(self.settings.pulse.queue_max_length)
         await self.hub.ping_streams()
 
     def flush_metrics(self, lateness: float = 0.0) -> None:
@@ -142,6 +143,7 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     # bindings reach the hub through the shared bindings; a new connection restores.
     broker.on_delivery = hub.deliver
     broker.on_connected = hub.reconnected
+    broker.on_dropped = hub.dropped
     shared.on_settled = hub.settled
     service = Service(settings, broker, shared, hub, metrics)
 

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
 
+# The dropped messages the broker keeps for a stalled process to count (count and
+# bytes): drops beyond are still reported, as at least this many.
+DROPPED_KEPT, DROPPED_KEPT_BYTES = 100_000, 16 * 2**20
 # A delivery is three frames (method, header, body) when its body fits in one frame.
 FRAMES_PER_MESSAGE = 3
 # What a lost connection or a closed channel raises from aiormq; worth a retry.
@@ -133,6 +136,7 @@ class Broker:
         self.name = name
         self.on_delivery: DeliveryHandler = lambda *_: None
         self.on_connected: Callable[[], None] = lambda: None
+        self.on_dropped: Callable[[], None] = lambda: None
         self.queue_name = ""
         self.node = ""  # the host of the current connection (never credentials)
         self._next_node = random.randrange(len(settings.nodes))  # instances spread over nodes
@@ -272,17 +276,37 @@ class Broker:
         self, channel: aiormq.abc.AbstractChannel, queue_name: str
     ) -> None:
         # Exclusive and auto-delete: the queue lives as long as this connection.
-        # The length limit keeps a stalled process from growing the broker without end.
+        # The length limit keeps a stalled process from growing the broker without end;
+        # what it drops is dead-lettered (through the default exchange) into a small
+        # queue of its own, which is only counted: so drops are seen, not silent.
+        dropped_queue = f"{queue_name}/dropped"
+        await channel.queue_declare(
+            dropped_queue,
+            exclusive=True,
+            auto_delete=True,
+            arguments={
+                "x-max-length": DROPPED_KEPT,
+                "x-max-length-bytes": DROPPED_KEPT_BYTES,
+            },
+        )
         await channel.queue_declare(
             queue_name,
             exclusive=True,
             auto_delete=True,
-            arguments={"x-max-length": self.settings.queue_max_length},
+            arguments={
+                "x-max-length": self.settings.queue_max_length,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dropped_queue,
+            },
         )
         # No acknowledgements: the queue is exclusive and goes with this connection, so
         # a message the process received but did not deliver is lost either way; acks
         # would cost the broker and this process work per message and buy nothing.
         await channel.basic_consume(queue_name, self._on_message, no_ack=True)
+        await channel.basic_consume(dropped_queue, self._on_dropped, no_ack=True)
+
+    async def _on_dropped(self, message: DeliveredMessage) -> None:
+        self.on_dropped()
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         delivery = message.delivery

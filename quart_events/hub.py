@@ -48,6 +48,7 @@ class Hub:
         self.streams: set[Stream] = set()
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Stream]] = {}
+        self._dropped_told = 0  # drops the streams were told of (``tell_of_drops``)
         self._tries: dict[str, TopicTrie[Stream]] = {}
 
     # -- streams ---------------------------------------------------------------
@@ -203,6 +204,29 @@ class Hub:
             for stream in streams[start : start + PING_BATCH]:
                 self._push(stream, frame)  # a stream that ended meanwhile ignores it
             await asyncio.sleep(0)
+
+    def dropped(self) -> None:
+        """The broker dropped a message from the process queue (it was too far behind)."""
+        self.counts.dropped += 1
+
+    def tell_of_drops(self, queue_max_length: int) -> None:
+        """After drops, once per tick: a log line, and ``ready`` again to every stream
+        that gets messages, which means "you may have missed messages: re-check", as
+        after a reconnect (which streams the dropped ones were for is not known)."""
+        new = self.counts.dropped - self._dropped_told
+        if not new:
+            return
+        self._dropped_told = self.counts.dropped
+        joined = [stream for stream in self.streams if stream.joined and not stream.finished]
+        log.warning(
+            "the broker dropped %d messages from this process's queue (pulse.queue_max_length "
+            "%d: the process fell behind); %d streams told to re-check with ready",
+            new,
+            queue_max_length,
+            len(joined),
+        )
+        for stream in joined:
+            self._push(stream, sse.READY)
 
     def drop_stuck_streams(self) -> None:
         """End streams whose client took nothing for ``write_timeout``: gone or stuck."""

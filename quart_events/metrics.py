@@ -52,6 +52,7 @@ class Counts:
     bytes_written: int = 0  # to clients
     too_slow: int = 0
     stuck: int = 0
+    dropped: int = 0  # messages the broker dropped from the process queue (its length limit)
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -99,6 +100,10 @@ class Metrics:
             "tc_events_frames_delivered", "Message frames delivered to streams."
         )
         self.bytes_written = counter("tc_events_written_bytes", "Bytes written to clients.")
+        self.messages_dropped = counter(
+            "tc_events_broker_messages_dropped",
+            "Messages the broker dropped from this process's queue at pulse.queue_max_length.",
+        )
         self.broker_reconnects = counter(
             "tc_events_broker_reconnects", "Connections to the broker after the first."
         )
@@ -131,6 +136,7 @@ class Metrics:
             (counts.non_json, self.messages_not_json, "non_json"),
             (counts.frames_delivered, self.frames_delivered, "frames_delivered"),
             (counts.bytes_written, self.bytes_written, "bytes_written"),
+            (counts.dropped, self.messages_dropped, "dropped"),
         ):
             delta = source - getattr(flushed, name)
             if delta:

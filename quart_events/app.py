@@ -92,7 +92,7 @@ class Service:
         if self.descriptors is not None:
             self.descriptors.check()
         self.hub.drop_stuck_streams()
-        self.hub.tell_of_drops(self.settings.pulse.queue_max_length)
+        self.hub.tell_of_drops()
         await self.hub.ping_streams()
 
     def flush_metrics(self, lateness: float = 0.0) -> None:
@@ -138,12 +138,13 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     metrics = Metrics()
     broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
     shared = SharedBindings(broker)
-    hub = Hub(settings.server, shared, settings.pulse.wait_for_broker, metrics)
+    hub = Hub(settings.server, shared, settings.pulse, metrics)
     # The wires: deliveries flow from the broker to the hub; the broker's answers about
     # bindings reach the hub through the shared bindings; a new connection restores.
     broker.on_delivery = hub.deliver
     broker.on_connected = hub.reconnected
     broker.on_dropped = hub.dropped
+    broker.on_confirmed = hub.confirmed
     shared.on_settled = hub.settled
     service = Service(settings, broker, shared, hub, metrics)
 

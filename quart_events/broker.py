@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
 
+CONFIRMED_FOR = 1.0  # seconds an answer of the broker confirms the link for
+DEFAULT_PROBE_TIMEOUT = 30.0  # seconds, when the heartbeat is off
 # The dropped messages the broker keeps for a stalled process to count (count and
 # bytes): drops beyond are still reported, as at least this many.
 DROPPED_KEPT, DROPPED_KEPT_BYTES = 100_000, 16 * 2**20
@@ -137,6 +139,10 @@ class Broker:
         self.on_delivery: DeliveryHandler = lambda *_: None
         self.on_connected: Callable[[], None] = lambda: None
         self.on_dropped: Callable[[], None] = lambda: None
+        self.on_confirmed: Callable[[], None] = lambda: None
+        self._answered_at = 0.0  # loop time the broker last answered a probe of the link
+        self._probe_now = asyncio.Event()  # someone waits for the link to be confirmed
+        self._watchdog: asyncio.Task[None] | None = None
         self.queue_name = ""
         self.node = ""  # the host of the current connection (never credentials)
         self._next_node = random.randrange(len(settings.nodes))  # instances spread over nodes
@@ -153,6 +159,17 @@ class Broker:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def link_confirmed(self) -> bool:
+        """The broker answered a probe of this link within the last second: a stream is
+        not told ``ready`` on a link that may have died in silence."""
+        now = asyncio.get_running_loop().time()
+        return self.is_connected and now - self._answered_at < CONFIRMED_FOR
+
+    def confirm_link(self) -> None:
+        """Probe the link now; ``on_confirmed`` is called when the broker answers."""
+        self._probe_now.set()
 
     async def start(self, *, connect_in_background: bool = False) -> None:
         """Connect now and raise ``BrokerUnavailable`` if that fails, or (with
@@ -216,6 +233,8 @@ class Broker:
         channel.closing.add_done_callback(lambda _: self._on_close(channel))
         self._lost.clear()
         self._connected.set()
+        self._answered_at = asyncio.get_running_loop().time()  # it just answered us
+        self._watchdog = asyncio.ensure_future(self._watch_link(connection, self.generation))
         log.info(
             "connected to RabbitMQ at %s:%s (connection %d), queue %s",
             host,
@@ -235,6 +254,42 @@ class Broker:
                 if attempt == len(self.settings.nodes) - 1:
                     raise
                 log.warning("%s; trying the next node", error)
+
+    async def _watch_link(self, connection: AbstractConnection, generation: int) -> None:
+        """Probe the link every half heartbeat (and whenever ``confirm_link`` asks), and
+        give it up when a probe is not answered within half a heartbeat: a link that died
+        without a word (no FIN, no RST) is found within about one heartbeat, where aiormq
+        waits three and more (49 s at 15). A probe is a passive declare of the process
+        queue, on a channel of its own."""
+        heartbeat = self.settings.heartbeat or DEFAULT_PROBE_TIMEOUT * 2
+        every = max(heartbeat / 2, 0.5)
+        loop = asyncio.get_running_loop()
+        try:
+            channel = await connection.channel(publisher_confirms=False)
+            probe_channel = await channel.get_underlay_channel()
+            while self.generation == generation and self._connected.is_set():
+                self._probe_now.clear()
+                await asyncio.wait_for(
+                    probe_channel.queue_declare(self.queue_name, passive=True), every
+                )
+                if self.generation != generation:
+                    return
+                self._answered_at = loop.time()
+                self.on_confirmed()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._probe_now.wait(), every)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            if self.generation == generation:
+                log.warning(
+                    "RabbitMQ at %s gave no answer for %.1f s: the link is dead; reconnecting",
+                    self.node,
+                    every,
+                )
+                self._on_close(connection)
+        except Exception as error:  # the connection is going anyway; its close is seen
+            log.debug("link watchdog stopped: %r", error)
 
     def _on_close(self, sender: Any, error: BaseException | None = None) -> None:
         if sender is not self._connection and sender is not self._consume_channel:
@@ -266,6 +321,9 @@ class Broker:
                 log.exception("starting the restore of the bindings failed")
 
     async def _drop_connection(self) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
         connection, self._connection = self._connection, None
         self._consume_channel = self._bind_channel = None
         if connection is not None:

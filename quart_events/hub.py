@@ -21,7 +21,7 @@ from . import sse
 from .bindings import Binding
 from .errors import BindFailed, ExchangeMissing, client_message
 from .metrics import Counts, Metrics
-from .settings import ServerSettings
+from .settings import PulseSettings, ServerSettings
 from .shared_bindings import SharedBinding, SharedBindings
 from .stream import Stream, no_op
 from .topic import TopicTrie
@@ -37,18 +37,24 @@ class Hub:
         self,
         settings: ServerSettings,
         shared: SharedBindings,
-        wait_for_broker: float,
+        pulse: PulseSettings,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.shared = shared
-        self.wait_for_broker = wait_for_broker
+        self.wait_for_broker = pulse.wait_for_broker
+        self.queue_max_length = pulse.queue_max_length
+        self.max_message_bytes = pulse.max_message_bytes
         self.metrics = metrics
         self.counts = Counts()
         self.streams: set[Stream] = set()
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Stream]] = {}
+        # New streams whose bindings are in effect, held back while the broker has not
+        # answered the link's probe for a while: ``ready`` only on a confirmed link.
+        self._unconfirmed: set[Stream] = set()
         self._dropped_told = 0  # drops the streams were told of (``tell_of_drops``)
+        self._too_large_told = 0
         self._tries: dict[str, TopicTrie[Stream]] = {}
 
     # -- streams ---------------------------------------------------------------
@@ -69,13 +75,26 @@ class Hub:
         # The shared (equal) instances: streams with the same bindings, the common case,
         # then hold no copies of their own for as long as they live.
         stream.bindings = tuple(share.binding for share in stream.shares)
-        if self._wait(stream):
-            # A new stream waits for the broker so long, then is told it is unavailable.
-            loop = asyncio.get_running_loop()
-            stream.deadline = loop.call_later(self.wait_for_broker, self._give_up, stream)
-        else:  # every binding is in effect already: ready at once
-            self._ready(stream)
+        waiting = self._wait(stream)
+        if not waiting and self.shared.binder.link_confirmed:
+            self._ready(stream)  # every binding is in effect already: ready at once
+            return stream
+        if not waiting:
+            self._unconfirmed.add(stream)
+            self.shared.binder.confirm_link()
+        # A new stream waits for the broker so long, then is told it is unavailable.
+        loop = asyncio.get_running_loop()
+        stream.deadline = loop.call_later(self.wait_for_broker, self._give_up, stream)
         return stream
+
+    def confirmed(self) -> None:
+        """The broker answered a probe of the link: streams held back get ``ready``."""
+        if not self._unconfirmed:
+            return
+        held, self._unconfirmed = self._unconfirmed, set()
+        for stream in held:
+            if not stream.finished and not self._wait(stream):
+                self._ready(stream)
 
     def binding_room(self, bindings: Iterable[Binding]) -> tuple[bool, str | None]:
         """Whether this process may take ``bindings`` now (pattern words it holds are bounded:
@@ -99,6 +118,7 @@ class Hub:
         if stream not in self.streams:
             return
         self.streams.discard(stream)
+        self._unconfirmed.discard(stream)
         stream.finish()
         reason = stream.end_reason or "client_left"
         self.metrics.streams_ended.labels(reason).inc()
@@ -180,14 +200,20 @@ class Hub:
 
     def _give_up(self, stream: Stream) -> None:
         stream.deadline = None
+        self._unconfirmed.discard(stream)
         waiting = next((share for share in stream.shares if not self.shared.in_effect(share)), None)
-        exchange = waiting.binding.exchange if waiting else ""
+        share = waiting or (stream.shares[0] if stream.shares else None)
+        exchange = share.binding.exchange if share is not None else ""
         self._fail(stream, BindFailed.unavailable(exchange), "broker_unavailable")
 
     def reconnected(self) -> None:
         """A new broker connection: each stream that was ready is made ready again on it."""
         self.shared.connected()
         generation = self.shared.binder.generation
+        held, self._unconfirmed = self._unconfirmed, set()
+        for stream in held:  # on the new connection they wait for their bindings
+            if not stream.finished and not self._wait(stream):
+                self._ready(stream)
         for stream in self.streams:
             stale = stream.joined and not stream.finished and stream.generation < generation
             if stale and not self._wait(stream):
@@ -209,10 +235,19 @@ class Hub:
         """The broker dropped a message from the process queue (it was too far behind)."""
         self.counts.dropped += 1
 
-    def tell_of_drops(self, queue_max_length: int) -> None:
+    def tell_of_drops(self) -> None:
         """After drops, once per tick: a log line, and ``ready`` again to every stream
         that gets messages, which means "you may have missed messages: re-check", as
         after a reconnect (which streams the dropped ones were for is not known)."""
+        too_large = self.counts.too_large - self._too_large_told
+        if too_large:
+            self._too_large_told = self.counts.too_large
+            log.warning(
+                "%d messages over pulse.max_message_bytes (%d) were not delivered; "
+                "the streams they were for were told to re-check with ready",
+                too_large,
+                self.max_message_bytes,
+            )
         new = self.counts.dropped - self._dropped_told
         if not new:
             return
@@ -222,7 +257,7 @@ class Hub:
             "the broker dropped %d messages from this process's queue (pulse.queue_max_length "
             "%d: the process fell behind); %d streams told to re-check with ready",
             new,
-            queue_max_length,
+            self.queue_max_length,
             len(joined),
         )
         for stream in joined:
@@ -268,6 +303,14 @@ class Hub:
         for key in cc:
             streams |= trie.match(key)
         if not streams:
+            return
+        if len(body) > self.max_message_bytes:
+            # Checking a body is strict JSON builds its whole tree: a 32 MiB one once took
+            # a GiB and stalled every stream for most of a second. Not delivered, counted,
+            # and its streams are told that they missed something.
+            counts.too_large += 1
+            for stream in streams:
+                self._push(stream, sse.READY)
             return
         frame, is_json = sse.message(body, exchange, routing_key, redelivered, cc)
         if not is_json:

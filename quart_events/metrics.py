@@ -53,6 +53,7 @@ class Counts:
     too_slow: int = 0
     stuck: int = 0
     dropped: int = 0  # messages the broker dropped from the process queue (its length limit)
+    too_large: int = 0  # messages over pulse.max_message_bytes, not delivered
 
     def as_dict(self) -> dict[str, int]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -100,6 +101,10 @@ class Metrics:
             "tc_events_frames_delivered", "Message frames delivered to streams."
         )
         self.bytes_written = counter("tc_events_written_bytes", "Bytes written to clients.")
+        self.messages_too_large = counter(
+            "tc_events_broker_messages_too_large",
+            "Messages over pulse.max_message_bytes, not delivered.",
+        )
         self.messages_dropped = counter(
             "tc_events_broker_messages_dropped",
             "Messages the broker dropped from this process's queue at pulse.queue_max_length.",
@@ -137,6 +142,7 @@ class Metrics:
             (counts.frames_delivered, self.frames_delivered, "frames_delivered"),
             (counts.bytes_written, self.bytes_written, "bytes_written"),
             (counts.dropped, self.messages_dropped, "dropped"),
+            (counts.too_large, self.messages_too_large, "too_large"),
         ):
             delta = source - getattr(flushed, name)
             if delta:

@@ -156,6 +156,7 @@ class PulseSettings(BaseModel):
     reconnect_min_delay: float = Field(gt=0)
     reconnect_max_delay: float = Field(gt=0)
     queue_max_length: int = Field(ge=1)
+    max_message_bytes: int = Field(ge=1024)
     read_ahead: int = Field(ge=1, le=10_000)
 
     @model_validator(mode="before")

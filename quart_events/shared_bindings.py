@@ -39,6 +39,13 @@ class Binder(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def link_confirmed(self) -> bool:
+        """Connected, and the broker answered lately (a link can die in silence)."""
+
+    def confirm_link(self) -> None:
+        """Ask the broker for a sign of life; the answer confirms the link."""
+
     async def bind(self, binding: Binding, generation: int) -> None:
         """Bind on connection ``generation``; ``NotConnected`` when it is not the current one
         (or was lost meanwhile), ``BindFailed`` when the broker refuses."""

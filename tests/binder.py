@@ -21,11 +21,15 @@ class RecordingBinder:
     def __init__(self) -> None:
         self.generation = 1
         self.is_connected = True
+        self.link_confirmed = True
         self.calls: list[tuple[str, Binding]] = []
         self.bound: set[Binding] = set()
         self.missing = {MISSING_EXCHANGE}
         self.release = asyncio.Event()
         self.release.set()
+
+    def confirm_link(self) -> None:
+        """The link is always confirmed here."""
 
     def reconnect(self) -> None:
         """A new connection: nothing is bound on it."""

@@ -329,3 +329,34 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
         await Broker(nowhere.pulse).start()
     with EventsServer.running({"PULSE_HOSTNAME": f"127.0.0.1:{closed},127.0.0.1:5672"}) as server:
         assert server.stats()["broker_connected"]
+
+
+async def test_a_link_that_dies_in_silence_is_found_within_the_heartbeat(
+    durable_exchange: str,
+) -> None:
+    """No FIN, no RST (the proxy goes silent): once /__heartbeat__ turned 503 only after
+    49 s with a heartbeat of 15, and a stream opened 3 s into the silence got `ready`.
+    Now the link is probed every half heartbeat and given up when a probe goes
+    unanswered; a stream opened meanwhile gets `ready` only on the new connection."""
+    with TcpProxy.running() as proxy:
+        env = {"PULSE_PORT": str(proxy.port), "TC_EVENTS_PULSE__HEARTBEAT": "10"}
+        with EventsServer.running(env) as server:
+            binding = [{"exchange": durable_exchange, "routingKeyPattern": "#"}]
+            async with SSEReader(server.url(binding)) as first:
+                await first.wait_for("ready")
+                proxy.freeze()  # the link dies without a word; new connections pass
+                silent_at = asyncio.get_running_loop().time()
+                await asyncio.sleep(2)
+                async with SSEReader(server.url(binding)) as newcomer:
+                    await wait_until(
+                        lambda: "the link is dead; reconnecting" in server.output(), timeout=20
+                    )
+                    found_after = asyncio.get_running_loop().time() - silent_at
+                    assert not newcomer.named("ready")  # not on the link that died
+                    await newcomer.wait_for("ready", timeout=20)
+                    await first.wait_for("ready", 2, timeout=20)  # in effect again
+                    await publish(durable_exchange, "after.silence", b'"after"')
+                    await newcomer.wait_for("message")
+                    await first.wait_for("message")
+            print(f"\nthe silent link was given up {found_after:.1f} s into the silence")
+            assert found_after < 30  # aiormq alone: (10 + 1) x 3 = 33 s

@@ -63,3 +63,44 @@ async def test_drops_at_the_queue_length_limit_are_counted_logged_and_told() -> 
                     text = (await client.get(f"{server.base}/metrics")).text
                 found = re.search(r"^tc_events_broker_messages_dropped_total (\S+)$", text, re.M)
                 assert found and float(found.group(1)) > 0
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water mark of resident memory (Linux ``VmHWM``), in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_body_over_the_size_limit_is_not_parsed_and_its_streams_are_told(
+    exchange: aio_pika.abc.AbstractExchange,
+) -> None:
+    """A 32 MiB body of `[{},{},...]` once raised the peak RSS by 1,006 MiB (the strict-JSON
+    check builds the whole tree) and stalled health answers 883 ms. Over
+    `pulse.max_message_bytes` (1 MiB by default) it is counted and not delivered, its
+    streams get `ready` again (re-check), and the next message arrives as usual."""
+    with EventsServer.running() as server:
+        binding = [{"exchange": exchange.name, "routingKeyPattern": "#"}]
+        async with SSEReader(server.url(binding)) as reader:
+            await reader.wait_for("ready")
+            before = peak_rss(server.process.pid)
+            huge = b"[" + b"{}," * (32 * 2**20 // 3) + b"{}]"
+            await exchange.publish(aio_pika.Message(huge), routing_key="huge")
+            await reader.wait_for("ready", 2, timeout=30)
+            await exchange.publish(aio_pika.Message(b'{"small": 1}'), routing_key="small")
+            await reader.wait_for("message")
+            assert [m["routingKey"] for m in reader.data("message")] == ["small"]
+            grew = peak_rss(server.process.pid) - before
+            print(f"\npeak RSS grew {grew / 2**20:.0f} MiB for a {len(huge) / 2**20:.0f} MiB body")
+            assert grew < 100 * 2**20  # the body itself, not a tree of it
+            stats = server.stats()
+            assert stats["too_large"] == 1
+            await wait_until(
+                lambda: (
+                    "1 messages over pulse.max_message_bytes (1048576) were not delivered"
+                    in server.output()
+                ),
+                timeout=5,
+            )

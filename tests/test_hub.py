@@ -24,9 +24,10 @@ MISSING = Binding(MISSING_EXCHANGE, "#")
 
 def make_hub(wait_for_broker: float = 30, **server: Any) -> tuple[Hub, RecordingBinder]:
     binder = RecordingBinder()
-    settings = load_settings("test", overrides={"server": server} if server else None)
+    overrides = {"pulse": {"wait_for_broker": wait_for_broker}}
+    settings = load_settings("test", overrides={**overrides, "server": server})
     shared = SharedBindings(binder)
-    hub = Hub(settings.server, shared, wait_for_broker, Metrics())
+    hub = Hub(settings.server, shared, settings.pulse, Metrics())
     shared.on_settled = hub.settled
     shared.start()
     return hub, binder

@@ -51,6 +51,14 @@ class BindFailed(BrokerError):
         )
 
 
+    @classmethod
+    def busy(cls, exchange: str) -> BindFailed:
+        return cls(
+            f"could not bind to exchange `{exchange}` in time: "
+            "the server is busy binding for other streams, try again later"
+        )
+
+
 class ExchangeMissing(BindFailed):
     """The exchange of a binding does not exist."""
 

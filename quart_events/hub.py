@@ -71,13 +71,13 @@ class Hub:
             bindings, settings.buffer_messages, settings.buffer_bytes, on_frames, on_abort
         )
         self.streams.add(stream)
-        stream.shares = [self.shared.acquire(binding) for binding in stream.bindings]
+        stream.shares = [self.shared.acquire(binding, stream) for binding in stream.bindings]
         # The shared (equal) instances: streams with the same bindings, the common case,
         # then hold no copies of their own for as long as they live.
         stream.bindings = tuple(share.binding for share in stream.shares)
         waiting = self._wait(stream)
-        if not waiting and self.shared.binder.link_confirmed:
-            self._ready(stream)  # every binding is in effect already: ready at once
+        if not waiting and (not stream.shares or self.shared.binder.link_confirmed):
+            self._ready(stream)  # every binding is in effect already (or there is none)
             return stream
         if not waiting:
             self._unconfirmed.add(stream)
@@ -97,11 +97,12 @@ class Hub:
                 self._ready(stream)
 
     def binding_room(self, bindings: Iterable[Binding]) -> tuple[bool, str | None]:
-        """Whether this process may take ``bindings`` now (pattern words it holds are bounded:
-        they are what matching a message costs, and memory); else why not, when waiting
-        cannot help (the bindings alone are over a bound)."""
+        """Whether this process may take ``bindings`` now; else why not, when waiting
+        cannot help (the bindings alone are over a bound). Bounded: the pattern words it
+        holds (what matching a message costs, and memory) and the binds waiting for
+        the broker (what a newcomer may wait behind)."""
         settings, shared = self.settings, self.shared
-        words, inner = shared.words_to_add(bindings)
+        new, words, inner = shared.cost_of(bindings)
         if inner > settings.max_inner_hash_words:
             return False, (
                 f"Too many words in patterns with a `#` before their last word: {inner} given, "
@@ -110,6 +111,7 @@ class Hub:
         fits = (
             shared.words + words <= settings.max_binding_words
             and shared.inner_hash_words + inner <= settings.max_inner_hash_words
+            and (not new or shared.pending + new <= settings.max_pending_binds)
         )
         return fits, None
 
@@ -204,7 +206,10 @@ class Hub:
         waiting = next((share for share in stream.shares if not self.shared.in_effect(share)), None)
         share = waiting or (stream.shares[0] if stream.shares else None)
         exchange = share.binding.exchange if share is not None else ""
-        self._fail(stream, BindFailed.unavailable(exchange), "broker_unavailable")
+        if self.shared.binder.is_connected:  # connected: the binds waiting were too many
+            self._fail(stream, BindFailed.busy(exchange), "busy")
+        else:
+            self._fail(stream, BindFailed.unavailable(exchange), "broker_unavailable")
 
     def reconnected(self) -> None:
         """A new broker connection: each stream that was ready is made ready again on it."""

@@ -37,6 +37,7 @@ OPENED = (
     "shutting_down",
     "missing_exchange",
     "broker_unavailable",
+    "busy",
     "error",
 )
 ENDED = ("client_left", "too_slow", "stuck", "shutdown", "error")

@@ -71,6 +71,7 @@ class ServerSettings(BaseModel):
     max_words_per_stream: int = Field(ge=1)
     max_binding_words: int = Field(ge=1)
     max_inner_hash_words: int = Field(ge=0)
+    max_pending_binds: int = Field(ge=100)
     allowed_exchanges: list[str]
     denied_exchanges: list[str]
     buffer_messages: int = Field(ge=1)

@@ -3,7 +3,8 @@
 Each distinct binding is bound once, however many streams use it, and unbound
 when its last stream leaves. The broker is not told every change: one worker
 brings the broker in line with what the streams want, one binding at a time,
-in the order the bindings changed. So the work waiting is never more than one
+taking one from each stream that waits in turn (a stream with one binding is not
+queued behind another's hundred). So the work waiting is never more than one
 step per distinct binding, a binding whose streams all left before its bind ran
 is never sent to the broker, and a bind and the unbind that follows it cannot
 overtake each other.
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Protocol
 
 from .bindings import Binding
@@ -77,7 +78,11 @@ class SharedBindings:
         self.inner_hash_words = 0  # of which in patterns with a `#` inside (topic.py)
         self.on_settled: Callable[[SharedBinding], None] = lambda _: None
         self._shares: dict[Binding, SharedBinding] = {}
-        self._dirty: dict[Binding, None] = {}  # an ordered set: changed since last reconciled
+        # Changed since last reconciled, each in the lane of whoever asked first; the
+        # worker takes one from each lane in turn, so a stream that asks for one binding
+        # is not queued behind another's hundred (once 7.3 s behind 15,000).
+        self._dirty: dict[Binding, Hashable] = {}
+        self._lanes: dict[Hashable, dict[Binding, None]] = {}
         self._busy: SharedBinding | None = None  # the one the worker is on
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -90,16 +95,18 @@ class SharedBindings:
         """Bindings waiting for the broker (bind or unbind)."""
         return len(self._dirty) + (self._busy is not None)
 
-    def words_to_add(self, bindings: Iterable[Binding]) -> tuple[int, int]:
-        """(pattern words, of which inner-``#`` words) that ``bindings`` would add."""
-        words = inner = 0
+    def cost_of(self, bindings: Iterable[Binding]) -> tuple[int, int, int]:
+        """What ``bindings`` would add: (new bindings, their pattern words, of which in
+        inner-``#`` patterns)."""
+        new = words = inner = 0
         for binding in set(bindings):
             if binding not in self._shares:
                 share_words = pattern_words(binding.routing_key_pattern)
+                new += 1
                 words += share_words
                 if inner_hash(binding.routing_key_pattern):
                     inner += share_words
-        return words, inner
+        return new, words, inner
 
     def bindings(self) -> set[Binding]:
         """Bindings held on the broker or about to be."""
@@ -115,7 +122,8 @@ class SharedBindings:
 
     # -- what the streams want --------------------------------------------------------
 
-    def acquire(self, binding: Binding) -> SharedBinding:
+    def acquire(self, binding: Binding, lane: Hashable = None) -> SharedBinding:
+        """Hold ``binding``; ``lane`` (the stream) is whose turn its bind takes."""
         share = self._shares.get(binding)
         if share is None:
             share = self._shares[binding] = SharedBinding(binding)
@@ -125,7 +133,7 @@ class SharedBindings:
         if share.failure is not None:
             share.failure = None  # refused before: the exchange may exist by now
         if not self.in_effect(share):
-            self._mark(binding)
+            self._mark(binding, lane)
         return share
 
     def release(self, share: SharedBinding) -> None:
@@ -134,7 +142,7 @@ class SharedBindings:
             return
         if share is not self._busy and not self.in_effect(share):
             # Never bound on this connection: nothing to undo on the broker.
-            self._dirty.pop(share.binding, None)
+            self._unmark(share.binding)
             self._forget(share)
         else:
             self._mark(share.binding)
@@ -143,12 +151,33 @@ class SharedBindings:
         """A new connection: nothing is bound on it yet; bind again what is wanted."""
         for binding, share in self._shares.items():
             if share.refs and share.failure is None:
-                self._dirty[binding] = None
+                self._mark(binding)
         self._wake.set()
 
-    def _mark(self, binding: Binding) -> None:
-        self._dirty[binding] = None
+    def _mark(self, binding: Binding, lane: Hashable = None) -> None:
+        if binding not in self._dirty:
+            self._dirty[binding] = lane
+            self._lanes.setdefault(lane, {})[binding] = None
         self._wake.set()
+
+    def _unmark(self, binding: Binding) -> None:
+        if binding in self._dirty:
+            lane = self._dirty.pop(binding)
+            waiting = self._lanes[lane]
+            del waiting[binding]
+            if not waiting:
+                del self._lanes[lane]
+
+    def _take(self) -> Binding:
+        """The next binding to reconcile: the first of the next lane, in turn."""
+        lane = next(iter(self._lanes))
+        waiting = self._lanes.pop(lane)
+        binding = next(iter(waiting))
+        del waiting[binding]
+        if waiting:
+            self._lanes[lane] = waiting  # to the back: the other lanes go first
+        del self._dirty[binding]
+        return binding
 
     # -- the worker ---------------------------------------------------------------
 
@@ -168,8 +197,7 @@ class SharedBindings:
             await self._wake.wait()
             self._wake.clear()
             while self._dirty and self.binder.is_connected:
-                binding = next(iter(self._dirty))
-                del self._dirty[binding]
+                binding = self._take()
                 share = self._shares.get(binding)
                 if share is None:
                     continue
@@ -178,7 +206,7 @@ class SharedBindings:
                     await self._reconcile(share)
                 except Exception:  # never let the worker die; the binding is tried again
                     log.exception("reconciling %s failed", binding)
-                    self._dirty[binding] = None
+                    self._mark(binding)
                     await asyncio.sleep(RETRY_PAUSE)
                 finally:
                     self._busy = None
@@ -191,7 +219,7 @@ class SharedBindings:
                 try:
                     await binder.bind(binding, generation)
                 except NotConnected:
-                    self._dirty[binding] = None  # on the next connection, or again on this one
+                    self._mark(binding)  # on the next connection, or again on this one
                     if binder.is_connected:
                         await asyncio.sleep(RETRY_PAUSE)
                     return
@@ -205,7 +233,7 @@ class SharedBindings:
             share.generation = 0  # not in effect while it is being unbound
             await binder.unbind(binding, generation)
         if share.refs:  # wanted again meanwhile: bind it again, in order
-            self._dirty[binding] = None
+            self._mark(binding)
         else:
             self._forget(share)
 

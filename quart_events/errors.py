@@ -50,7 +50,6 @@ class BindFailed(BrokerError):
             "the message broker is unavailable, try again later"
         )
 
-
     @classmethod
     def busy(cls, exchange: str) -> BindFailed:
         return cls(

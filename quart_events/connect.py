@@ -199,7 +199,11 @@ class _Client:
             while stream.frames:
                 chunk = stream.take()
                 self.counts.bytes_written += len(chunk)
-                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                stream.sending(chunk)  # held, and counted, until the write returns
+                try:
+                    await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                finally:
+                    stream.sent()
             if stream.finished:
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
                 self._end()

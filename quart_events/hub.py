@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -23,11 +24,23 @@ from .errors import BindFailed, ExchangeMissing, client_message
 from .metrics import Counts, Metrics
 from .settings import PulseSettings, ServerSettings
 from .shared_bindings import SharedBinding, SharedBindings
-from .stream import Stream, no_op
+from .stream import Budget, Stream, no_op
 from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
 PING_BATCH = 250  # streams pinged per event-loop turn
+MEMORY_SHARE = 4  # by default, streams may hold a quarter of the machine's memory
+
+
+def max_buffered_bytes(settings: ServerSettings) -> int:
+    """``server.max_buffered_bytes``, or (unset) a quarter of the machine's memory."""
+    if settings.max_buffered_bytes is not None:
+        return settings.max_buffered_bytes
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = 4 * 2**30
+    return max(memory // MEMORY_SHARE, settings.buffer_bytes)
 
 
 class Hub:
@@ -48,6 +61,7 @@ class Hub:
         self.metrics = metrics
         self.counts = Counts()
         self.streams: set[Stream] = set()
+        self.budget = Budget(max_buffered_bytes(settings), self._over_budget)
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Stream]] = {}
         # New streams whose bindings are in effect, held back while the broker has not
@@ -68,7 +82,12 @@ class Hub:
         """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
         settings = self.settings
         stream = Stream(
-            bindings, settings.buffer_messages, settings.buffer_bytes, on_frames, on_abort
+            bindings,
+            settings.buffer_messages,
+            settings.buffer_bytes,
+            on_frames,
+            on_abort,
+            self.budget,
         )
         self.streams.add(stream)
         stream.shares = [self.shared.acquire(binding, stream) for binding in stream.bindings]
@@ -122,6 +141,7 @@ class Hub:
         self.streams.discard(stream)
         self._unconfirmed.discard(stream)
         stream.finish()
+        stream.discard_frames()  # nothing more is written: they leave the budget
         reason = stream.end_reason or "client_left"
         self.metrics.streams_ended.labels(reason).inc()
         log.info(
@@ -268,6 +288,35 @@ class Hub:
         for stream in joined:
             self._push(stream, sse.READY)
 
+    def _over_budget(self) -> None:
+        """The streams together hold more than ``server.max_buffered_bytes``: end the
+        ones holding the most (the slowest readers) until they hold 90% of it, on the
+        next loop turn (this is called from inside a push)."""
+        asyncio.get_running_loop().call_soon(self._shed)
+
+    def _shed(self) -> None:
+        budget = self.budget
+        assert budget.limit is not None
+        target = budget.limit * 9 // 10
+        ended = 0
+        for stream in sorted(self.streams, key=lambda s: s.held_bytes, reverse=True):
+            if budget.total <= target or not stream.held_bytes:
+                break
+            if not stream.finished:
+                stream.end_too_slow()
+                self.counts.too_slow += 1
+                ended += 1
+            if stream.in_flight:  # its client does not take what is being written
+                stream.abort("too_slow")
+        budget.over_called = False
+        log.warning(
+            "streams held %d bytes, over server.max_buffered_bytes (%d): ended the %d "
+            "slowest",
+            budget.total,
+            budget.limit,
+            ended,
+        )
+
     def drop_stuck_streams(self) -> None:
         """End streams whose client took nothing for ``write_timeout``: gone or stuck."""
         stuck_before = time.monotonic() - self.settings.write_timeout
@@ -337,6 +386,7 @@ class Hub:
             "bindings": len(self.shared),
             "pending_broker_operations": self.shared.pending,
             "buffered_bytes": sum(stream.buffered_bytes for stream in self.streams),
+            "held_bytes": self.budget.total,
             "trie_entries": sum(len(trie) for trie in self._tries.values()),
             **self.counts.as_dict(),
         }

@@ -76,6 +76,7 @@ class ServerSettings(BaseModel):
     denied_exchanges: list[str]
     buffer_messages: int = Field(ge=1)
     buffer_bytes: int = Field(ge=1024)
+    max_buffered_bytes: int | None = Field(default=None, ge=1024)
     max_request_line: int = Field(ge=1024)
     write_timeout: float = Field(gt=0)
     shutdown_grace: float = Field(gt=0)

@@ -5,7 +5,11 @@ is bounded in frames and bytes so a slow client cannot grow the server: past
 the bound the stream ends with an ``error`` that says why. The byte bound leaves
 out the largest frame waiting, so one message larger than the whole buffer
 reaches a client that keeps up (a large message is not the client's slowness):
-a stream holds at most ``max_bytes`` plus one frame.
+a stream holds at most ``max_bytes`` plus one frame. The chunk being written counts
+until its write returns (it is still held), so the bound is exact, not twice it.
+
+Every stream's bytes also count against the process's ``Budget``
+(``server.max_buffered_bytes``); past it, the hub ends the streams holding the most.
 """
 
 from __future__ import annotations
@@ -27,6 +31,28 @@ def no_op() -> None:
     return None
 
 
+class Budget:
+    """The bytes all streams of a process hold, against one bound; ``on_over`` is
+    called (once, until ``shed`` is done) when they go past it."""
+
+    __slots__ = ("limit", "on_over", "over_called", "total")
+
+    def __init__(self, limit: int | None = None, on_over: Callable[[], None] = no_op) -> None:
+        self.limit = limit
+        self.total = 0
+        self.on_over = on_over
+        self.over_called = False
+
+    def add(self, size: int) -> None:
+        self.total += size
+        if self.limit is not None and self.total > self.limit and not self.over_called:
+            self.over_called = True
+            self.on_over()
+
+
+UNBOUNDED = Budget()
+
+
 class Stream:
     """Bindings, buffered frames, and where the stream stands with the broker.
 
@@ -37,6 +63,7 @@ class Stream:
 
     __slots__ = (
         "bindings",
+        "budget",
         "buffered_bytes",
         "deadline",
         "delivered",
@@ -44,6 +71,8 @@ class Stream:
         "finished",
         "frames",
         "generation",
+        "in_flight",
+        "in_flight_largest",
         "joined",
         "largest",
         "max_bytes",
@@ -63,8 +92,10 @@ class Stream:
         max_bytes: int,
         on_frames: Callable[[], None] = no_op,
         on_abort: Callable[[], None] = no_op,
+        budget: Budget = UNBOUNDED,
     ) -> None:
         self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
+        self.budget = budget
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.on_frames = on_frames
@@ -72,6 +103,8 @@ class Stream:
         self.frames: list[bytes] = []
         self.buffered_bytes = 0
         self.largest = 0  # the largest frame waiting: not counted against max_bytes
+        self.in_flight = 0  # bytes of the chunk being written (``sending`` .. ``sent``)
+        self.in_flight_largest = 0  # the largest frame in that chunk
         self.finished = False
         self.joined = False  # in the topic tries: gets messages
         self.generation = 0  # the broker connection its last `ready` was for
@@ -89,18 +122,24 @@ class Stream:
             return True
         frames, size = self.frames, len(frame)
         largest = max(self.largest, size)
-        if len(frames) >= self.max_frames or self.buffered_bytes + size - largest > self.max_bytes:
-            # Drop what the client did not read: memory stays bounded, the client is told why.
-            self._drop()
-            self.finish(sse.error(TOO_SLOW), "too_slow")
+        in_flight_largest = self.in_flight_largest if self.in_flight else 0
+        held = self.buffered_bytes + self.in_flight + size - max(largest, in_flight_largest)
+        if len(frames) >= self.max_frames or held > self.max_bytes:
+            self.end_too_slow()
             return False
         if not frames:
             self.pending_since = time.monotonic()
         frames.append(frame)
         self.buffered_bytes += size
         self.largest = largest
+        self.budget.add(size)
         self.on_frames()
         return True
+
+    def end_too_slow(self) -> None:
+        """Drop what the client did not read: memory stays bounded, the client is told why."""
+        self._drop()
+        self.finish(sse.error(TOO_SLOW), "too_slow")
 
     def finish(self, last_frame: bytes | None = None, reason: str | None = None) -> None:
         """End the stream after what is buffered, and ``last_frame``, for ``reason``."""
@@ -112,6 +151,7 @@ class Stream:
                 self.pending_since = time.monotonic()
             self.frames.append(last_frame)
             self.buffered_bytes += len(last_frame)
+            self.budget.add(len(last_frame))
         self.finished = True
         self.on_frames()
 
@@ -127,9 +167,29 @@ class Stream:
         """Every frame waiting, as one write (empty when there is none)."""
         frames = self.frames
         chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        self.in_flight_largest = self.largest
         self._drop()
         return chunk
 
+    def sending(self, chunk: bytes) -> None:
+        """The writer writes ``chunk`` (from ``take``): it is held until ``sent``."""
+        self.in_flight = len(chunk)
+        self.budget.add(self.in_flight)
+
+    def sent(self) -> None:
+        self.budget.total -= self.in_flight
+        self.in_flight = self.in_flight_largest = 0
+
+    @property
+    def held_bytes(self) -> int:
+        """What the stream holds: frames waiting and the chunk being written."""
+        return self.buffered_bytes + self.in_flight
+
+    def discard_frames(self) -> None:
+        """Nothing more will be written (the stream is closed): let its frames go."""
+        self._drop()
+
     def _drop(self) -> None:
         self.frames.clear()
+        self.budget.total -= self.buffered_bytes
         self.buffered_bytes = self.largest = 0

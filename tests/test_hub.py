@@ -10,6 +10,7 @@ from binder import MISSING_EXCHANGE, RecordingBinder, settle
 
 from quart_events import sse
 from quart_events.bindings import Binding
+from quart_events.errors import TOO_SLOW
 from quart_events.hub import Hub
 from quart_events.metrics import Metrics
 from quart_events.settings import load_settings
@@ -210,3 +211,25 @@ async def test_outcomes_and_end_reasons_are_counted() -> None:
     hub.close(ending)
     for reason, expected in (("stuck", 1), ("error", 2), ("client_left", 1), ("shutdown", 1)):
         assert count("ended", "reason", reason) == expected
+
+
+async def test_past_the_process_budget_the_streams_holding_most_are_ended_first() -> None:
+    """``max_streams`` x ``buffer_bytes`` was 156 GiB by default: the streams together
+    are bounded by ``server.max_buffered_bytes``, and past it the slowest go first."""
+    hub, _ = make_hub(max_buffered_bytes=100_000, buffer_bytes=80_000)
+    streams = [hub.open([A]) for _ in range(4)]
+    await settle()
+    for stream in streams:
+        stream.take()  # ready, written
+    body = b'"' + b"x" * 9_000 + b'"'
+    for stream, count in zip(streams, (1, 2, 3, 4), strict=True):
+        for _ in range(count):
+            assert stream.push(message("a.y", [], body))
+    # 10 frames of ~9 KB: within the budget. One more frame of the fastest stream...
+    assert hub.budget.total < 100_000 and not any(s.finished for s in streams)
+    assert streams[3].push(message("a.y", [], body))
+    await settle()
+    # ... took it over: the stream holding most was ended, the others go on.
+    assert [stream.end_reason for stream in streams] == [None, None, None, "too_slow"]
+    assert frames(streams[3]) == sse.error(TOO_SLOW)
+    assert hub.budget.total <= 90_000 and hub.counts.too_slow == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from quart_events import sse
 from quart_events.errors import TOO_SLOW
-from quart_events.stream import Stream
+from quart_events.stream import Budget, Stream
 
 
 def test_frames_waiting_are_taken_as_one_write_and_the_writer_is_told() -> None:
@@ -43,3 +43,34 @@ def test_one_frame_larger_than_the_buffer_reaches_a_client_that_keeps_up() -> No
     # Behind it, the byte bound holds: at most max_bytes beside the largest frame.
     assert all(stream.push(b"k" * 100) for _ in range(10))
     assert not stream.push(b"k" * 100) and stream.finished
+
+
+def test_the_chunk_being_written_counts_so_the_bound_is_exact() -> None:
+    """Once ``take`` reset the count while its chunk was still being written, and a
+    stalled stream held about twice its bound. Now it holds at most ``max_bytes`` plus
+    its largest frame, whatever is waiting and whatever is being written."""
+    stream = Stream([], max_frames=1000, max_bytes=1000)
+    assert stream.push(b"a" * 900)
+    chunk = stream.take()
+    stream.sending(chunk)  # the client is slow: the write does not return
+    assert stream.push(b"b" * 200) and stream.push(b"c" * 800)
+    assert stream.held_bytes == 1900  # max_bytes, and the largest frame (in flight)
+    assert not stream.push(b"d" * 100) and stream.finished
+    assert stream.frames == [sse.error(TOO_SLOW)]
+    stream.sent()
+    assert stream.held_bytes == len(sse.error(TOO_SLOW))
+
+
+def test_a_budget_counts_what_every_stream_holds() -> None:
+    over: list[int] = []
+    budget = Budget(limit=1500, on_over=lambda: over.append(budget.total))
+    streams = [Stream([], 100, 10_000, budget=budget) for _ in range(2)]
+    assert streams[0].push(b"x" * 1000)
+    chunk = streams[0].take()
+    streams[0].sending(chunk)
+    assert budget.total == 1000 and not over
+    assert streams[1].push(b"y" * 600)
+    assert over == [1600]  # called once, until the hub has shed
+    streams[0].sent()
+    streams[1].discard_frames()
+    assert budget.total == 0

@@ -20,14 +20,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
-import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.protocol import h2 as hypercorn_h2
 from quart import Quart, Response, send_file
 
+from . import mends
 from .broker import Broker
 from .connect import ConnectEndpoint
 from .descriptors import DescriptorWatch
@@ -92,6 +90,7 @@ class Service:
         if self.descriptors is not None:
             self.descriptors.check()
         self.hub.drop_stuck_streams()
+        self.hub.budget.give_back()
         self.hub.tell_of_drops()
         await self.hub.ping_streams()
 
@@ -242,47 +241,7 @@ def _rss_bytes() -> int:
         return 0
 
 
-async def _pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
-    """hypercorn's HTTP/2 stream buffer, with writers held back while it is full.
-
-    hypercorn (0.18) lets writers go on whenever it takes a short chunk out of the
-    buffer, and with the client's flow-control window at zero it takes empty chunks
-    over and over: a stream whose client stopped reading buffered without bound, and
-    our slow-client limit never saw it. Here writers go on only once the buffer has
-    drained below its low-water mark, as its high-water mark intends.
-    """
-    length = min(len(self.buffer), max_length)
-    data = bytes(self.buffer[:length])
-    del self.buffer[:length]
-    if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
-        await self._paused.set()
-    if not self.buffer:
-        await self._is_empty.set()
-    return data
-
-
-hypercorn_h2.StreamBuffer.pop = _pop_with_backpressure  # type: ignore[method-assign]
-
-TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdown
 TLS_HANDSHAKE_TIMEOUT = 5.0  # seconds a TLS client has to complete its handshake
-
-
-class _AsyncioForHypercorn:
-    """asyncio as hypercorn's ``serve`` sees it, but TLS connections are given up within
-    a second when they close: asyncio waits up to 30 s for the client's close_notify,
-    and an idle HTTP/2 client that does not answer held every shutdown that long."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-    @staticmethod
-    async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
-        if kwargs.get("ssl") is not None:
-            kwargs.setdefault("ssl_shutdown_timeout", TLS_CLOSE_TIMEOUT)
-        return await asyncio.start_server(*args, **kwargs)
-
-
-hypercorn_run.asyncio = _AsyncioForHypercorn()  # type: ignore[assignment,attr-defined]
 
 
 def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:
@@ -324,6 +283,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     """
     service = service_of(app)
     server, pulse = service.settings.server, service.settings.pulse
+    mends.install()
     await service.start()
     listeners = []
     scheme = "https" if server.certfile is not None else "http"

@@ -33,6 +33,7 @@ from .stream import Stream, no_op
 PATHS = frozenset(
     path + slash for path in ("/api/events/v1/connect", "/events/v1/connect") for slash in ("", "/")
 )
+MAX_WRITE = 256 * 1024  # bytes handed to the server in one send
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
@@ -201,7 +202,13 @@ class _Client:
                 self.counts.bytes_written += len(chunk)
                 stream.sending(chunk)  # held, and counted, until the write returns
                 try:
-                    await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    # What one send hands over to the server is bounded: hypercorn holds
+                    # what it is given until the client takes it.
+                    pieces = [chunk] if len(chunk) <= MAX_WRITE else _pieces(chunk)
+                    for piece in pieces:
+                        await self.send(
+                            {"type": "http.response.body", "body": piece, "more_body": True}
+                        )
                 finally:
                     stream.sent()
             if stream.finished:
@@ -226,6 +233,10 @@ class _Client:
         writer, self.writer = self.writer, None
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()
+
+
+def _pieces(chunk: bytes) -> list[bytes]:
+    return [chunk[start : start + MAX_WRITE] for start in range(0, len(chunk), MAX_WRITE)]
 
 
 def _what_the_headers_say(scope: HTTPScope) -> tuple[bool, bool]:

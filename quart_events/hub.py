@@ -310,8 +310,7 @@ class Hub:
                 stream.abort("too_slow")
         budget.over_called = False
         log.warning(
-            "streams held %d bytes, over server.max_buffered_bytes (%d): ended the %d "
-            "slowest",
+            "streams held %d bytes, over server.max_buffered_bytes (%d): ended the %d slowest",
             budget.total,
             budget.limit,
             ended,

@@ -252,3 +252,36 @@ async def test_sigterm_with_http2_clients_connected_ends_within_the_grace_period
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_the_buffers_of_ended_http2_streams_are_freed(
+    certificates: Certificates, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    """99 streams on one HTTP/2 connection that stop reading, one 2 MiB message: once
+    the process still held +293 MiB after the stuck-stream sweep had ended them
+    (hypercorn kept each ended stream's buffer, and each send handed it the whole
+    chunk). Now an ended stream is reset and its buffer freed, and one send hands
+    over at most 256 KiB."""
+    _, cert, key = certificates
+    env = {"TC_EVENTS_SERVER__WRITE_TIMEOUT": "3", "TC_EVENTS_PULSE__MAX_MESSAGE_BYTES": str(2**22)}
+    args = ["--certfile", str(cert), "--keyfile", str(key)]
+    with EventsServer.running(env, args=args) as server:
+        client = RawHttp2(server, certificates[0])
+        client.acknowledge = False  # reads the socket, never gives the window back
+        target = connect_target([{"exchange": exchange.name, "routingKeyPattern": "big.#"}])
+        streams = [client.open(target) for _ in range(99)]
+        reading = asyncio.ensure_future(asyncio.to_thread(client.read_for, 40))
+        try:
+            await wait_until(lambda: stats(server, certificates)["streams"] == 99, timeout=20)
+            before = stats(server, certificates)["rss_bytes"]
+            await publish(exchange, "big.one", json.dumps({"pad": "x" * 2**21}).encode())
+            # The sweep ends every stream (none takes anything), and their buffers go.
+            await wait_until(lambda: stats(server, certificates)["streams"] == 0, timeout=30)
+            await asyncio.sleep(1)
+            grown = stats(server, certificates)["rss_bytes"] - before
+            print(f"\nRSS after the sweep: {grown / 2**20:+.0f} MiB")
+            assert grown < 64 * 2**20
+            assert len(streams) == 99
+        finally:
+            client.sock.close()
+            await asyncio.gather(reading, return_exceptions=True)

@@ -1,0 +1,107 @@
+"""Mends to hypercorn, installed when serving starts (``install``), each tied to the
+hypercorn version it was written for and to a test that fails once hypercorn's own
+behaviour changes, so that it can go (tests/test_mends.py). The reports upstream are
+in docs/design.md.
+
+1. HTTP/2 back-pressure: writers are held back while a stream's buffer is full.
+2. HTTP/2 ended streams: a stream that ends with data its client never took is reset
+   and its buffer freed at once.
+3. TLS at shutdown: a connection is given up within a second when it closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from importlib import metadata
+from typing import Any
+
+import h2.errors
+import h2.exceptions
+import hypercorn.asyncio.run as hypercorn_run
+from hypercorn.events import Closed
+from hypercorn.protocol import h2 as hypercorn_h2
+from hypercorn.protocol.events import StreamClosed
+from priority.priority import MissingStreamError
+
+log = logging.getLogger(__name__)
+
+WRITTEN_FOR = "0.18."  # the hypercorn series these mends were written for and tested on
+TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdown
+
+_original_stream_send = hypercorn_h2.H2Protocol.stream_send
+
+
+async def pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
+    """hypercorn's HTTP/2 stream buffer, with writers held back while it is full.
+
+    hypercorn (0.18) lets writers go on whenever it takes a short chunk out of the
+    buffer, and with the client's flow-control window at zero it takes empty chunks
+    over and over: a stream whose client stopped reading buffered without bound, and
+    our slow-client limit never saw it. Here writers go on only once the buffer has
+    drained below its low-water mark, as its high-water mark intends.
+    """
+    length = min(len(self.buffer), max_length)
+    data = bytes(self.buffer[:length])
+    del self.buffer[:length]
+    if len(self.buffer) < hypercorn_h2.BUFFER_LOW_WATER:
+        await self._paused.set()
+    if not self.buffer:
+        await self._is_empty.set()
+    return data
+
+
+async def stream_send_resetting_ended_streams(self: hypercorn_h2.H2Protocol, event: Any) -> None:
+    """hypercorn (0.18) keeps an HTTP/2 stream's buffer after the application ended the
+    stream until the client has taken every byte: a client that stopped reading kept
+    it for as long as the connection lived (99 ended streams held 293 MiB). A stream
+    that ends with data still buffered is reset (RST_STREAM, CANCEL) and its buffer
+    freed; a stream whose data was all sent ends as before."""
+    if isinstance(event, StreamClosed):
+        buffer = self.stream_buffers.get(event.stream_id)
+        if buffer is not None and buffer.buffer:
+            try:
+                self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
+                await self._flush()
+            except h2.exceptions.H2Error:
+                pass  # closed already: nothing to tell the client
+            except Exception:  # the connection is going: its buffers go with it
+                await self.send(Closed())
+            await buffer.close()
+            del self.stream_buffers[event.stream_id]
+            with contextlib.suppress(MissingStreamError):
+                self.priority.remove_stream(event.stream_id)
+    await _original_stream_send(self, event)
+
+
+class AsyncioForHypercorn:
+    """asyncio as hypercorn's ``serve`` sees it, but TLS connections are given up within
+    a second when they close: asyncio waits up to 30 s for the client's close_notify,
+    and an idle HTTP/2 client that does not answer held every shutdown that long."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_shutdown_timeout", TLS_CLOSE_TIMEOUT)
+        return await asyncio.start_server(*args, **kwargs)
+
+
+def install() -> bool:
+    """Install every mend, once; ``False`` (and a warning) on another hypercorn series,
+    where they were never tested: its tests say whether they are still needed."""
+    version = metadata.version("hypercorn")
+    if not version.startswith(WRITTEN_FOR):
+        log.warning(
+            "hypercorn %s: its mends were written for %sx and are not installed",
+            version,
+            WRITTEN_FOR,
+        )
+        return False
+    hypercorn_h2.StreamBuffer.pop = pop_with_backpressure  # type: ignore[method-assign]
+    hypercorn_h2.H2Protocol.stream_send = stream_send_resetting_ended_streams  # type: ignore[method-assign]
+    hypercorn_run.asyncio = AsyncioForHypercorn()  # type: ignore[assignment,attr-defined]
+    return True

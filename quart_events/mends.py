@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.18."  # the hypercorn series these mends were written for and tested on
 TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdown
 
-_original_stream_send = hypercorn_h2.H2Protocol.stream_send
+# hypercorn's own, before ``install``: the mends call the second, the tests read both.
+ORIGINAL_POP = hypercorn_h2.StreamBuffer.pop
+ORIGINAL_STREAM_SEND = hypercorn_h2.H2Protocol.stream_send
 
 
 async def pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
@@ -72,7 +74,7 @@ async def stream_send_resetting_ended_streams(self: hypercorn_h2.H2Protocol, eve
             del self.stream_buffers[event.stream_id]
             with contextlib.suppress(MissingStreamError):
                 self.priority.remove_stream(event.stream_id)
-    await _original_stream_send(self, event)
+    await ORIGINAL_STREAM_SEND(self, event)
 
 
 class AsyncioForHypercorn:

@@ -242,10 +242,15 @@ async def arabbitmqctl(*args: str) -> str:
     return await asyncio.to_thread(rabbitmqctl, *args)
 
 
-def queues_of(namespace: str) -> list[str]:
-    """The server queues the broker holds for ``namespace``."""
+def queues_of(namespace: str, dropped: bool = False) -> list[str]:
+    """The process queues the broker holds for ``namespace`` (one per server process;
+    with ``dropped``, also each process's queue of dropped messages)."""
     names = rabbitmqctl("list_queues", "name").split()
-    return [name for name in names if name.startswith(f"queue/{namespace}/")]
+    return [
+        name
+        for name in names
+        if name.startswith(f"queue/{namespace}/") and (dropped or not name.endswith("/dropped"))
+    ]
 
 
 async def declare_exchange(name: str, durable: bool = False) -> None:

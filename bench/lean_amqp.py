@@ -91,7 +91,7 @@ class LeanConsumer(LeanConnection):
         channel = await self.open_channel()
         self._send(channel, commands.Queue.Declare(exclusive=True, auto_delete=True))
         declared = await self._expect(channel, commands.Queue.DeclareOk)
-        assert isinstance(declared, commands.Queue.DeclareOk)
+        assert isinstance(declared, commands.Queue.DeclareOk) and declared.queue is not None
         self._send(
             channel,
             commands.Queue.Bind(queue=declared.queue, exchange=exchange, routing_key=pattern),

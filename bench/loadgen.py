@@ -127,9 +127,9 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
                 report.first_failure = report.first_failure or repr(error)[:200]
         else:
             watcher.cancel()
-            error = task.exception()
+            failure = task.exception()
             report.failures += 1
-            report.first_failure = report.first_failure or repr(error)[:200]
+            report.first_failure = report.first_failure or repr(failure)[:200]
 
     if job.kind == "amqp":
         tasks = [consuming]

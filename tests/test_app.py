@@ -10,6 +10,7 @@ import re
 import urllib.parse
 import uuid
 from importlib import metadata
+from typing import Any
 
 import aio_pika
 import httpx
@@ -49,8 +50,9 @@ async def test_ready_then_message_through_the_test_client(
             await connection.disconnect()
     message = received.split(b"event: message\ndata: ")[1].split(b"\n")[0]
     assert json.loads(message)["payload"] == {"x": 1}
-    assert connection.status_code == 200
-    assert connection.headers["Content-Type"] == "text/event-stream"
+    answered: Any = connection  # quart's protocol type leaves out what the response holds
+    assert answered.status_code == 200
+    assert answered.headers["Content-Type"] == "text/event-stream"
 
 
 async def test_a_stream_requested_once_shutdown_began_gets_the_reconnect_frame_at_once() -> None:
@@ -67,7 +69,7 @@ async def test_a_stream_requested_once_shutdown_began_gets_the_reconnect_frame_a
             with contextlib.suppress(Exception):  # the response ends: nothing more to receive
                 while not received.endswith(b"\n\n"):
                     received += await asyncio.wait_for(connection.receive(), 5)
-    assert connection.status_code == 200
+    assert getattr(connection, "status_code") == 200  # noqa: B009  (not in quart's protocol type)
     assert re.fullmatch(rb"event: reconnect\ndata: {}\nid:\nretry: \d+\n\n", received), received
 
 

@@ -8,7 +8,7 @@ import asyncio
 import json
 import ssl
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiormq
@@ -38,7 +38,7 @@ def binding(exchange: str) -> list[dict[str, str]]:
 
 
 @pytest.fixture
-async def durable_exchange() -> Iterator[str]:
+async def durable_exchange() -> AsyncIterator[str]:
     name = f"exchange/test/faults-{uuid.uuid4().hex[:6]}"
     await declare_exchange(name)
     try:

@@ -102,7 +102,7 @@ async def settle(server: EventsServer) -> None:
 
     def quiet() -> bool:
         stats = server.stats()
-        return stats["streams"] == 1 and stats["pending_broker_operations"] == 0
+        return bool(stats["streams"] == 1 and stats["pending_broker_operations"] == 0)
 
     await wait_until(quiet, timeout=60, interval=0.2)
     await asyncio.sleep(6)  # hypercorn lets closed connections go after its keep-alive timeout

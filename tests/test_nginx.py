@@ -92,7 +92,7 @@ def nginx(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for_port(port, process)  # type: ignore[arg-type]
+        wait_for_port(port, process)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGQUIT)

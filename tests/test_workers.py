@@ -41,7 +41,8 @@ def metrics_directories_of(pid: int) -> list[Path]:
 
 
 def children(server: EventsServer) -> list[psutil.Process]:
-    return psutil.Process(server.process.pid).children()
+    children: list[psutil.Process] = psutil.Process(server.process.pid).children()
+    return children
 
 
 def queues_with_bindings(server: EventsServer, exchange: str) -> set[str]:

@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import random
 import socket
 import ssl
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -39,7 +41,9 @@ from .settings import PulseSettings
 
 log = logging.getLogger(__name__)
 
-DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None"], None]
+# (exchange published to, routing key, redelivered, body, headers, exchange bound: the
+# queue it came on)
+DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None", str], None]
 
 CONFIRMED_FOR = 1.0  # seconds an answer of the broker confirms the link for
 DEFAULT_PROBE_TIMEOUT = 30.0  # seconds, when the heartbeat is off
@@ -119,6 +123,15 @@ async def check_broker(settings: PulseSettings) -> None:
     await broker._drop_connection()
 
 
+@dataclass
+class ExchangeQueue:
+    """The queue of one bound exchange on the current connection."""
+
+    name: str
+    consumer_tag: str
+    bindings: int = 0  # bound on it now
+
+
 class Broker:
     """The process's queue on RabbitMQ: connect and reconnect, consume, bind, unbind.
 
@@ -152,6 +165,9 @@ class Broker:
         self._connection: AbstractConnection | None = None
         self._consume_channel: aiormq.abc.AbstractChannel | None = None
         self._bind_channel: aiormq.abc.AbstractChannel | None = None
+        # The queue of each exchange bound on the current connection (see ``bind``).
+        self._exchange_queues: dict[str, ExchangeQueue] = {}
+        self._queues_made = 0
         self._connected = asyncio.Event()
         self._lost = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -226,6 +242,7 @@ class Broker:
             raise BrokerUnavailable(describe_connect_error(settings, error, node)) from error
         self._connection, self._consume_channel = connection, channel
         self._bind_channel = None
+        self._exchange_queues, self._queues_made = {}, 0
         self.queue_name = queue_name
         self.node = host
         self.generation += 1
@@ -333,13 +350,12 @@ class Broker:
     async def _declare_and_consume(
         self, channel: aiormq.abc.AbstractChannel, queue_name: str
     ) -> None:
-        # Exclusive and auto-delete: the queue lives as long as this connection.
-        # The length limit keeps a stalled process from growing the broker without end;
-        # what it drops is dead-lettered (through the default exchange) into a small
-        # queue of its own, which is only counted: so drops are seen, not silent.
-        dropped_queue = f"{queue_name}/dropped"
+        """The process's own queue: what the exchange queues drop at their length limit
+        is dead-lettered into it (through the default exchange), and only counted, so
+        drops are seen, not silent. Exclusive and auto-delete: the queues live as long
+        as this connection."""
         await channel.queue_declare(
-            dropped_queue,
+            queue_name,
             exclusive=True,
             auto_delete=True,
             arguments={
@@ -347,26 +363,59 @@ class Broker:
                 "x-max-length-bytes": DROPPED_KEPT_BYTES,
             },
         )
-        await channel.queue_declare(
-            queue_name,
+        await channel.basic_consume(queue_name, self._on_dropped, no_ack=True)
+
+    async def _queue_of(
+        self, exchange: str, bind_channel: aiormq.abc.AbstractChannel
+    ) -> ExchangeQueue:
+        """The queue that takes the messages of ``exchange``, made on its first binding.
+
+        A queue per bound exchange, because a delivery names the exchange the message
+        was *published* to: through an exchange-to-exchange binding (A bound to B, a
+        stream bound to B) that is A, and only the queue it came on says it came
+        through B, as a queue per client would have it. The length limit keeps a
+        stalled process from growing the broker without end."""
+        queue = self._exchange_queues.get(exchange)
+        if queue is not None:
+            return queue
+        self._queues_made += 1
+        name = f"{self.queue_name}/{self._queues_made}"
+        await bind_channel.queue_declare(
+            name,
             exclusive=True,
-            auto_delete=True,
+            auto_delete=True,  # gone when its consumer is cancelled (its last unbind)
             arguments={
                 "x-max-length": self.settings.queue_max_length,
                 "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": dropped_queue,
+                "x-dead-letter-routing-key": self.queue_name,
             },
         )
+        assert self._consume_channel is not None
         # No acknowledgements: the queue is exclusive and goes with this connection, so
         # a message the process received but did not deliver is lost either way; acks
         # would cost the broker and this process work per message and buy nothing.
-        await channel.basic_consume(queue_name, self._on_message, no_ack=True)
-        await channel.basic_consume(dropped_queue, self._on_dropped, no_ack=True)
+        consumed = await self._consume_channel.basic_consume(
+            name, functools.partial(self._on_message, exchange), no_ack=True
+        )
+        queue = ExchangeQueue(name, consumed.consumer_tag or "")
+        self._exchange_queues[exchange] = queue
+        return queue
+
+    async def _drop_queue_if_unused(self, exchange: str) -> None:
+        """Cancel the consumer of an exchange queue that holds no binding any more: the
+        broker deletes it (auto-delete)."""
+        queue = self._exchange_queues.get(exchange)
+        if queue is None or queue.bindings:
+            return
+        del self._exchange_queues[exchange]
+        if self._consume_channel is not None and not self._consume_channel.is_closed:
+            with contextlib.suppress(*TRANSIENT):
+                await self._consume_channel.basic_cancel(queue.consumer_tag)
 
     async def _on_dropped(self, message: DeliveredMessage) -> None:
         self.on_dropped()
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    async def _on_message(self, bound: str, message: DeliveredMessage) -> None:
         delivery = message.delivery
         assert isinstance(delivery, _Basic.Deliver)  # a consumer only gets Basic.Deliver
         self.on_delivery(
@@ -375,6 +424,7 @@ class Broker:
             bool(delivery.redelivered),
             message.body,
             message.header.properties.headers,
+            bound,
         )
 
     # -- bindings -------------------------------------------------------------------
@@ -395,17 +445,21 @@ class Broker:
         ``BindFailed`` (naming the exchange) when RabbitMQ refuses; ``NotConnected``
         when that connection is gone, or the bind was interrupted (try again).
         """
+        queue = None
         try:
             channel = await self._binding_channel(generation)
+            queue = await self._queue_of(binding.exchange, channel)
             await channel.queue_bind(
-                self.queue_name,
+                queue.name,
                 binding.exchange,
                 routing_key=binding.routing_key_pattern,
                 timeout=self.settings.connect_timeout,
             )
         except aiormq.exceptions.ChannelNotFoundEntity:
+            await self._drop_queue_if_unused(binding.exchange)
             raise BindFailed.missing(binding.exchange) from None
         except aiormq.exceptions.ChannelAccessRefused:
+            await self._drop_queue_if_unused(binding.exchange)
             raise BindFailed.refused(binding.exchange) from None
         except TRANSIENT as error:
             _raise_if_cancelled()
@@ -414,18 +468,28 @@ class Broker:
         _raise_if_cancelled()
         if self.generation != generation or not self._connected.is_set():
             raise NotConnected("the connection was lost during the bind")
+        queue.bindings += 1
 
     async def unbind(self, binding: Binding, generation: int) -> None:
         """Unbind if connection ``generation`` is still up; the queue is exclusive, so
         whatever is left goes with that connection anyway."""
+        queue = self._exchange_queues.get(binding.exchange)
+        if queue is None or self.generation != generation:
+            return  # never bound on this connection (or it is gone): nothing to undo
         try:
             channel = await self._binding_channel(generation)
             await channel.queue_unbind(
-                self.queue_name,
+                queue.name,
                 binding.exchange,
                 routing_key=binding.routing_key_pattern,
                 timeout=self.settings.connect_timeout,
             )
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            queue.bindings -= 1  # the exchange was deleted, and its bindings with it
+            await self._drop_queue_if_unused(binding.exchange)
         except (*TRANSIENT, NotConnected) as error:
             log.info("unbind from %s not done: %r", binding.exchange, error)
+        else:
+            queue.bindings -= 1
+            await self._drop_queue_if_unused(binding.exchange)
         _raise_if_cancelled()

@@ -343,12 +343,15 @@ class Hub:
         redelivered: bool,
         body: bytes,
         headers: dict[str, Any] | None,
+        via: str | None = None,
     ) -> None:
         """Fan one delivery out to every stream whose bindings match its routing key or a
-        ``CC`` key (RabbitMQ routes by both); frame it once."""
+        ``CC`` key (RabbitMQ routes by both); frame it once. ``via`` is the exchange whose
+        queue it came on (``exchange`` is the one it was published to: they differ when
+        it came through an exchange-to-exchange binding); the streams of ``via`` get it."""
         counts = self.counts
         counts.deliveries += 1
-        trie = self._tries.get(exchange)
+        trie = self._tries.get(via or exchange)
         if trie is None:
             return
         streams = trie.match(routing_key)

@@ -242,14 +242,15 @@ async def arabbitmqctl(*args: str) -> str:
     return await asyncio.to_thread(rabbitmqctl, *args)
 
 
-def queues_of(namespace: str, dropped: bool = False) -> list[str]:
-    """The process queues the broker holds for ``namespace`` (one per server process;
-    with ``dropped``, also each process's queue of dropped messages)."""
+def queues_of(namespace: str, every: bool = False) -> list[str]:
+    """The queue of each server process of ``namespace`` (``queue/<ns>/events/<id>``);
+    with ``every``, also the queue of each exchange it binds (``.../<id>/<n>``)."""
     names = rabbitmqctl("list_queues", "name").split()
+    prefix = f"queue/{namespace}/events/"
     return [
         name
         for name in names
-        if name.startswith(f"queue/{namespace}/") and (dropped or not name.endswith("/dropped"))
+        if name.startswith(prefix) and (every or "/" not in name[len(prefix) :])
     ]
 
 

@@ -33,7 +33,7 @@ async def test_drops_at_the_queue_length_limit_are_counted_logged_and_told() -> 
                 await reader.wait_for("ready")
                 server.process.send_signal(signal.SIGSTOP)  # the process falls behind
                 try:
-                    body = b'{"filler": "' + b"x" * 200 + b'"}'
+                    body = b'{"filler": "' + b"x" * 450 + b'"}'  # 15 MB: more than sockets hold
                     for n in range(PUBLISHED):
                         await exchange.publish(aio_pika.Message(body), routing_key=f"k.{n}")
                     await asyncio.sleep(2)

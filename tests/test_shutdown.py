@@ -42,7 +42,7 @@ async def test_shutdown_sends_clients_to_the_next_server(
             took = time.monotonic() - started
             assert code == 0, first.output()
             assert took < 10, f"shutdown took {took:.1f} s"
-            assert not queues_of(first.namespace, dropped=True)  # the broker connection was closed
+            assert not queues_of(first.namespace, every=True)  # the broker connection was closed
             second = EventsServer.start(port=port)  # "another instance", on the same address
             await client.wait_for("ready", 2)
             await exchange.publish(aio_pika.Message(b'{"after": "restart"}'), routing_key="x")

@@ -85,7 +85,7 @@ async def test_streams_spread_over_every_worker_and_each_gets_the_messages(
         assert len(pids) == count
         code = await asyncio.to_thread(server.stop)
         assert code == 0
-        assert not queues_of(server.namespace, dropped=True)
+        assert not queues_of(server.namespace, every=True)
         assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
@@ -126,7 +126,7 @@ async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_fram
             assert b"\n\nevent: reconnect\ndata: {}\nid:\nretry: " in body and body.endswith(
                 b"\n\n"
             )
-        assert not queues_of(server.namespace, dropped=True)
+        assert not queues_of(server.namespace, every=True)
         output = server.output()
         assert "Traceback" not in output and "stopping 2 workers" in output
         assert not metrics_dirs[0].exists()
@@ -178,7 +178,7 @@ async def test_a_killed_parent_leaves_no_worker_behind() -> None:
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(10)
         await wait_until(lambda: not any(psutil.pid_exists(pid) for pid in pids), 20, 0.2)
-        await wait_until(lambda: not queues_of(server.namespace, dropped=True), 20, 0.5)
+        await wait_until(lambda: not queues_of(server.namespace, every=True), 20, 0.5)
     # The killed parent could not remove its metrics directory: the next start does.
     assert len(left) == 1 and left[0].exists()
     with workers(2) as server:

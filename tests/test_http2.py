@@ -287,3 +287,19 @@ async def test_the_buffers_of_ended_http2_streams_are_freed(
         finally:
             client.sock.close()
             await asyncio.gather(reading, return_exceptions=True)
+
+
+async def test_a_tls_client_that_never_says_hello_is_let_go(tls_server: EventsServer) -> None:
+    """A connection that never sends its ClientHello held a descriptor for hypercorn's
+    default 60 s handshake timeout; now 5 s (asserted with room: under 30 s)."""
+
+    def held_for() -> float:
+        with socket.create_connection(("127.0.0.1", tls_server.port), 5) as idle:
+            idle.settimeout(60)
+            began = time.monotonic()
+            assert idle.recv(1) == b""  # the server closed it, having heard nothing
+            return time.monotonic() - began
+
+    held = await asyncio.to_thread(held_for)
+    print(f"\nan idle TLS connection was closed after {held:.1f} s")
+    assert held < 30

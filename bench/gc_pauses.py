@@ -28,8 +28,9 @@ from typing import Any
 import aiormq
 import uvloop
 
-import quart_events.app as app_module
-from quart_events.app import create_app, serve_app, service_of
+import quart_events.service as service_module
+from quart_events.app import create_app, service_of
+from quart_events.serve import serve_app
 from quart_events.settings import load_settings
 
 CLIENT = r"""
@@ -53,9 +54,9 @@ async def measure(streams: int, seconds: float, tuned: bool, port: int, young: i
     os.environ["TC_EVENTS_SERVER__PORT"] = str(port)
     os.environ["TC_EVENTS_SERVER__MAX_STREAMS"] = str(streams + 100)
     if not tuned:
-        app_module.tune_garbage_collector = lambda: None
+        service_module.tune_garbage_collector = lambda: None
     elif young is not None:
-        app_module.GC_THRESHOLDS = (young, *app_module.GC_THRESHOLDS[1:])
+        service_module.GC_THRESHOLDS = (young, *service_module.GC_THRESHOLDS[1:])
     app = create_app(load_settings("test"))
     server = asyncio.ensure_future(serve_app(app))
     connection = await aiormq.connect("amqp://guest:guest@127.0.0.1/")

@@ -15,12 +15,13 @@ from typing import Any
 import click
 
 from . import logs
-from .app import create_app, serve_app
+from .app import create_app
 from .bindings import BindingError, parse_bindings
 from .broker import check_broker
 from .descriptors import fit_to_open_files
 from .errors import BrokerUnavailable, StartupError
 from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
+from .serve import serve_app
 from .settings import Settings, load_settings
 from .startup import check_files
 from .supervisor import Supervisor, check_port

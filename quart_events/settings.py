@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -274,24 +275,62 @@ def _has_key(document: Mapping[str, Any], loc: tuple[Any, ...]) -> bool:
     return True
 
 
-def _origin(
-    loc: tuple[Any, ...],
-    overrides: Mapping[str, Any],
-    layers: list[tuple[str, dict[str, Any]]],
-) -> str:
-    if _has_key(overrides, loc):
-        return "command line"
-    if len(loc) >= 2:
-        variable = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
-        if variable in {name.upper() for name in os.environ}:
-            return f"environment variable {variable}"
-        for name, place in TASKCLUSTER_ENV.items():
-            if place == tuple(loc[:2]) and name in os.environ:
-                return f"environment variable {name}"
-    for origin, document in layers:
-        if _has_key(document, loc):
-            return origin
-    return "settings"
+SourceMaker = Callable[
+    [type[BaseSettings], PydanticBaseSettingsSource, PydanticBaseSettingsSource],
+    PydanticBaseSettingsSource,
+]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One place settings come from: how pydantic reads it, and whether it holds a key
+    (to name it in an error)."""
+
+    make: SourceMaker
+    holds: Callable[[tuple[Any, ...]], str | None]
+
+
+def _environment_variable(loc: tuple[Any, ...]) -> str | None:
+    if len(loc) < 2:
+        return None
+    variable = f"{ENV_PREFIX}{loc[0]}__{loc[1]}".upper()
+    if variable in {name.upper() for name in os.environ}:
+        return f"environment variable {variable}"
+    return None
+
+
+def _taskcluster_variable(loc: tuple[Any, ...]) -> str | None:
+    for name, place in TASKCLUSTER_ENV.items():
+        if place == tuple(loc[:2]) and name in os.environ:
+            return f"environment variable {name}"
+    return None
+
+
+def _yaml_source(origin: str, document: dict[str, Any]) -> _Source:
+    return _Source(
+        lambda cls, _init, _env: InitSettingsSource(cls, document),
+        lambda loc: origin if _has_key(document, loc) else None,
+    )
+
+
+def _sources(
+    overrides: Mapping[str, Any], layers: list[tuple[str, dict[str, Any]]]
+) -> list[_Source]:
+    """Every source of settings, highest first: the one list that builds them and that
+    names where a wrong value came from."""
+    return [
+        _Source(
+            lambda cls, init, _env: init,
+            lambda loc: "command line" if _has_key(overrides, loc) else None,
+        ),
+        _Source(lambda cls, _init, env: env, _environment_variable),
+        _Source(lambda cls, _init, _env: _TaskclusterEnv(cls), _taskcluster_variable),
+        *(_yaml_source(origin, document) for origin, document in layers),
+    ]
+
+
+def _origin(loc: tuple[Any, ...], sources: list[_Source]) -> str:
+    return next((found for source in sources if (found := source.holds(loc))), "settings")
 
 
 def load_settings(
@@ -304,7 +343,7 @@ def load_settings(
     if profile not in PROFILES:
         raise SettingsError(f"unknown profile `{profile}` (profiles are {', '.join(PROFILES)})")
     overrides = dict(overrides or {})
-    layers = _layers(profile, config_file)
+    sources = _sources(overrides, _layers(profile, config_file))
 
     class _Layered(Settings):
         @classmethod
@@ -316,8 +355,9 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            files = (InitSettingsSource(settings_cls, document) for _, document in layers)
-            return (init_settings, env_settings, _TaskclusterEnv(settings_cls), *files)
+            return tuple(
+                source.make(settings_cls, init_settings, env_settings) for source in sources
+            )
 
     try:
         loaded = _Layered(**overrides)
@@ -326,6 +366,6 @@ def load_settings(
         for item in error.errors():
             loc = tuple(item["loc"])
             key = ".".join(str(part) for part in loc)
-            problems.append(f"{_origin(loc, overrides, layers)}: {key}: {item['msg']}")
+            problems.append(f"{_origin(loc, sources)}: {key}: {item['msg']}")
         raise SettingsError("; ".join(problems)) from None
     return loaded

@@ -36,7 +36,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic as _Basic
 
 from .bindings import Binding
-from .errors import BindFailed, BrokerUnavailable, NotConnected
+from .errors import BindFailed, BrokerError, BrokerUnavailable, ExchangeMissing, NotConnected
 from .settings import PulseSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,19 @@ DROPPED_KEPT, DROPPED_KEPT_BYTES = 100_000, 16 * 2**20
 FRAMES_PER_MESSAGE = 3
 # What a lost connection or a closed channel raises from aiormq; worth a retry.
 TRANSIENT = (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError)
+
+
+def project_error(error: BaseException, exchange: str) -> BrokerError:
+    """An AMQP error of a bind or an unbind, as the project's (the one place they are
+    mapped): the broker's refusals name the exchange; anything else means the
+    connection or its channel went, and the work is tried again."""
+    if isinstance(error, BrokerError):
+        return error
+    if isinstance(error, aiormq.exceptions.ChannelNotFoundEntity):
+        return BindFailed.missing(exchange)
+    if isinstance(error, aiormq.exceptions.ChannelAccessRefused):
+        return BindFailed.refused(exchange)
+    return NotConnected(f"interrupted: {type(error).__name__}")
 
 
 def _raise_if_cancelled() -> None:
@@ -445,7 +458,6 @@ class Broker:
         ``BindFailed`` (naming the exchange) when RabbitMQ refuses; ``NotConnected``
         when that connection is gone, or the bind was interrupted (try again).
         """
-        queue = None
         try:
             channel = await self._binding_channel(generation)
             queue = await self._queue_of(binding.exchange, channel)
@@ -455,16 +467,14 @@ class Broker:
                 routing_key=binding.routing_key_pattern,
                 timeout=self.settings.connect_timeout,
             )
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            await self._drop_queue_if_unused(binding.exchange)
-            raise BindFailed.missing(binding.exchange) from None
-        except aiormq.exceptions.ChannelAccessRefused:
-            await self._drop_queue_if_unused(binding.exchange)
-            raise BindFailed.refused(binding.exchange) from None
         except TRANSIENT as error:
             _raise_if_cancelled()
-            log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
-            raise NotConnected("the bind was interrupted") from error
+            failure = project_error(error, binding.exchange)
+            if isinstance(failure, BindFailed):
+                await self._drop_queue_if_unused(binding.exchange)
+            else:
+                log.info("bind to %s interrupted (%r); trying again", binding.exchange, error)
+            raise failure from None
         _raise_if_cancelled()
         if self.generation != generation or not self._connected.is_set():
             raise NotConnected("the connection was lost during the bind")
@@ -484,12 +494,12 @@ class Broker:
                 routing_key=binding.routing_key_pattern,
                 timeout=self.settings.connect_timeout,
             )
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            queue.bindings -= 1  # the exchange was deleted, and its bindings with it
-            await self._drop_queue_if_unused(binding.exchange)
         except (*TRANSIENT, NotConnected) as error:
-            log.info("unbind from %s not done: %r", binding.exchange, error)
-        else:
-            queue.bindings -= 1
-            await self._drop_queue_if_unused(binding.exchange)
+            if not isinstance(project_error(error, binding.exchange), ExchangeMissing):
+                log.info("unbind from %s not done: %r", binding.exchange, error)
+                _raise_if_cancelled()
+                return
+            # The exchange was deleted, and its bindings with it.
+        queue.bindings -= 1
+        await self._drop_queue_if_unused(binding.exchange)
         _raise_if_cancelled()

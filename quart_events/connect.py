@@ -26,7 +26,7 @@ from hypercorn.typing import (
 from . import sse
 from .bindings import BindingError, parse_bindings
 from .hub import Hub
-from .metrics import Counts
+from .metrics import Counts, Outcome
 from .settings import ServerSettings
 from .stream import Stream, no_op
 
@@ -100,25 +100,25 @@ class ConnectEndpoint:
         try:
             bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
         except BindingError as error:
-            self.opened.labels("bad_input").inc()
+            self.opened.labels(Outcome.BAD_INPUT).inc()
             await self._stream_of(send, sse.error(str(error)))
             return
         if self.hub.shutting_down:
             # This process is going away: come back (to the next one) as if it had ended.
-            self.opened.labels("shutting_down").inc()
+            self.opened.labels(Outcome.SHUTTING_DOWN).inc()
             await self._stream_of(send, self.hub.goodbye())
             return
         if len(self.hub.streams) >= settings.max_streams:
-            self.opened.labels("over_limit").inc()
+            self.opened.labels(Outcome.OVER_LIMIT).inc()
             await self._refuse(send, event_source, "Too many streams on this server")
             return
         fits, never = self.hub.binding_room(bindings)
         if never is not None:
-            self.opened.labels("bad_input").inc()
+            self.opened.labels(Outcome.BAD_INPUT).inc()
             await self._stream_of(send, sse.error(never))
             return
         if not fits:
-            self.opened.labels("over_limit").inc()
+            self.opened.labels(Outcome.OVER_LIMIT).inc()
             await self._refuse(send, event_source, "Too many bindings on this server")
             return
         await self._start_stream(send)

@@ -21,7 +21,7 @@ from typing import Any
 from . import sse
 from .bindings import Binding
 from .errors import BindFailed, ExchangeMissing, client_message
-from .metrics import Counts, Metrics
+from .metrics import Counts, EndReason, Metrics, Outcome
 from .settings import PulseSettings, ServerSettings
 from .shared_bindings import SharedBinding, SharedBindings
 from .stream import Budget, Stream, no_op
@@ -142,7 +142,7 @@ class Hub:
         self._unconfirmed.discard(stream)
         stream.finish()
         stream.discard_frames()  # nothing more is written: they leave the budget
-        reason = stream.end_reason or "client_left"
+        reason = stream.end_reason or EndReason.CLIENT_LEFT
         self.metrics.streams_ended.labels(reason).inc()
         log.info(
             "stream ended: %s, %d bindings, %.1f s, %d messages%s",
@@ -202,7 +202,7 @@ class Hub:
             stream.deadline.cancel()
             stream.deadline = None
         if not stream.joined:
-            self.metrics.streams_opened.labels("ready").inc()
+            self.metrics.streams_opened.labels(Outcome.READY).inc()
             self.metrics.ready_seconds.observe(time.monotonic() - stream.opened_at)
             for binding in stream.bindings:
                 self._tries.setdefault(binding.exchange, TopicTrie()).add(
@@ -212,13 +212,17 @@ class Hub:
         stream.generation = self.shared.binder.generation
         stream.push(sse.READY)
 
-    def _fail(self, stream: Stream, error: BaseException, outcome: str | None = None) -> None:
+    def _fail(self, stream: Stream, error: BaseException, outcome: Outcome | None = None) -> None:
         self._unwait(stream)
         if not stream.joined and not stream.finished:
             if outcome is None:
-                outcome = "missing_exchange" if isinstance(error, ExchangeMissing) else "error"
+                outcome = (
+                    Outcome.MISSING_EXCHANGE
+                    if isinstance(error, ExchangeMissing)
+                    else Outcome.ERROR
+                )
             self.metrics.streams_opened.labels(outcome).inc()
-        stream.finish(sse.error(client_message(error)), "error")
+        stream.finish(sse.error(client_message(error)), EndReason.ERROR)
 
     def _give_up(self, stream: Stream) -> None:
         stream.deadline = None
@@ -227,9 +231,9 @@ class Hub:
         share = waiting or (stream.shares[0] if stream.shares else None)
         exchange = share.binding.exchange if share is not None else ""
         if self.shared.binder.is_connected:  # connected: the binds waiting were too many
-            self._fail(stream, BindFailed.busy(exchange), "busy")
+            self._fail(stream, BindFailed.busy(exchange), Outcome.BUSY)
         else:
-            self._fail(stream, BindFailed.unavailable(exchange), "broker_unavailable")
+            self._fail(stream, BindFailed.unavailable(exchange), Outcome.BROKER_UNAVAILABLE)
 
     def reconnected(self) -> None:
         """A new broker connection: each stream that was ready is made ready again on it."""
@@ -307,7 +311,7 @@ class Hub:
                 self.counts.too_slow += 1
                 ended += 1
             if stream.in_flight:  # its client does not take what is being written
-                stream.abort("too_slow")
+                stream.abort(EndReason.TOO_SLOW)
         budget.over_called = False
         log.warning(
             "streams held %d bytes, over server.max_buffered_bytes (%d): ended the %d slowest",
@@ -322,14 +326,14 @@ class Hub:
         for stream in list(self.streams):
             if stream.frames and stream.pending_since < stuck_before:
                 self.counts.stuck += 1
-                stream.abort("stuck")
+                stream.abort(EndReason.STUCK)
                 self.close(stream)
 
     def begin_shutdown(self) -> None:
         """End every stream with a frame that makes an EventSource reconnect, spread out."""
         self.shutting_down = True
         for stream in list(self.streams):
-            stream.finish(self.goodbye(), "shutdown")
+            stream.finish(self.goodbye(), EndReason.SHUTDOWN)
 
     def goodbye(self) -> bytes:
         return sse.goodbye(random.randint(self.settings.retry_min_ms, self.settings.retry_max_ms))

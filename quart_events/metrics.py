@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from enum import StrEnum
 from typing import Literal
 
 from prometheus_client import (
@@ -29,18 +30,32 @@ from prometheus_client import (
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# How a stream request ended up, and how a stream ended (label values).
-OPENED = (
-    "ready",
-    "bad_input",
-    "over_limit",
-    "shutting_down",
-    "missing_exchange",
-    "broker_unavailable",
-    "busy",
-    "error",
-)
-ENDED = ("client_left", "too_slow", "stuck", "shutdown", "error")
+
+class Outcome(StrEnum):
+    """How a stream request ended up: the label of ``tc_events_streams_opened``."""
+
+    READY = "ready"
+    BAD_INPUT = "bad_input"
+    OVER_LIMIT = "over_limit"
+    SHUTTING_DOWN = "shutting_down"
+    MISSING_EXCHANGE = "missing_exchange"
+    BROKER_UNAVAILABLE = "broker_unavailable"
+    BUSY = "busy"
+    ERROR = "error"
+
+
+class EndReason(StrEnum):
+    """Why a stream ended: the label of ``tc_events_streams_ended``, and its log line."""
+
+    CLIENT_LEFT = "client_left"
+    TOO_SLOW = "too_slow"
+    STUCK = "stuck"
+    SHUTDOWN = "shutdown"
+    ERROR = "error"
+
+
+OPENED = tuple(Outcome)
+ENDED = tuple(EndReason)
 
 
 @dataclass(slots=True)

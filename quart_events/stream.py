@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from . import sse
 from .bindings import Binding
 from .errors import TOO_SLOW
+from .metrics import EndReason
 
 if TYPE_CHECKING:
     from .shared_bindings import SharedBinding
@@ -142,7 +143,7 @@ class Stream:
         self.deadline: asyncio.TimerHandle | None = None  # while a new stream waits for the broker
         self.opened_at = time.monotonic()
         self.delivered = 0  # message frames queued for it
-        self.end_reason: str | None = None  # why the server ended it (None: the client left)
+        self.end_reason: EndReason | None = None  # why the server ended it (None: the client left)
 
     def push(self, frame: bytes) -> bool:
         """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
@@ -167,9 +168,9 @@ class Stream:
     def end_too_slow(self) -> None:
         """Drop what the client did not read: memory stays bounded, the client is told why."""
         self._drop()
-        self.finish(sse.error(TOO_SLOW), "too_slow")
+        self.finish(sse.error(TOO_SLOW), EndReason.TOO_SLOW)
 
-    def finish(self, last_frame: bytes | None = None, reason: str | None = None) -> None:
+    def finish(self, last_frame: bytes | None = None, reason: EndReason | None = None) -> None:
         """End the stream after what is buffered, and ``last_frame``, for ``reason``."""
         if self.finished:
             return
@@ -183,7 +184,7 @@ class Stream:
         self.finished = True
         self.on_frames()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: EndReason) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
         self._drop()
         if not self.finished:

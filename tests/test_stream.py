@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quart_events import sse
 from quart_events.errors import TOO_SLOW
+from quart_events.metrics import EndReason
 from quart_events.stream import Budget, Stream
 
 
@@ -22,7 +23,7 @@ def test_frames_waiting_are_taken_as_one_write_and_the_writer_is_told() -> None:
     stream.finish(b"z")
     assert stream.finished and stream.take() == b"z"
     assert told == ["frames", "frames", "frames"]
-    stream.abort("stuck")
+    stream.abort(EndReason.STUCK)
     assert told[-1] == "abort" and stream.end_reason is None  # it had finished already
 
 

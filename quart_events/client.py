@@ -28,6 +28,7 @@ CONNECT_PATH = "/api/events/v1/connect/"
 MISSED_PINGS = 3  # pings missed in a row before a silent stream is given up
 FIRST_PING_WITHIN = 75.0  # seconds, before the interval is known (the default is 20 s)
 MIN_INTERVAL = 0.5  # seconds: a ping interval is never taken as shorter
+MIN_SILENCE = 10.0  # seconds: a busy machine may delay a ping or two, never give up sooner
 
 
 class ServerError(Exception):
@@ -82,7 +83,7 @@ class Listener:
         last_ping: float | None = None
         interval: float | None = None  # the longest gap between two pings seen
         while True:
-            wait = MISSED_PINGS * interval if interval else FIRST_PING_WITHIN
+            wait = max(MISSED_PINGS * interval, MIN_SILENCE) if interval else FIRST_PING_WITHIN
             try:
                 event = await asyncio.wait_for(anext(events), wait)
             except StopAsyncIteration:

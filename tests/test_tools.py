@@ -267,7 +267,7 @@ async def test_listen_notices_a_dead_link_by_missed_pings_and_comes_back(
 ) -> None:
     """A link that dies without a word (no FIN, no RST): once, listen waited its whole
     --timeout with ~55 pings missed. Now it gives the stream up after three ping
-    intervals, reconnects and gets what is published then."""
+    intervals (10 s at least), reconnects and gets what is published then."""
     proxy = TcpProxy(target_port=server.port)
     proxy.listen()
     try:

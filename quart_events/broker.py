@@ -193,6 +193,8 @@ class Broker:
     def link_confirmed(self) -> bool:
         """The broker answered a probe of this link within the last second: a stream is
         not told ``ready`` on a link that may have died in silence."""
+        if self._watchdog is None or self._watchdog.done():
+            return self.is_connected  # nothing probes the link: it is as good as connected
         now = asyncio.get_running_loop().time()
         return self.is_connected and now - self._answered_at < CONFIRMED_FOR
 

@@ -1,4 +1,4 @@
-"""The AMQP side: one connection, one exclusive queue per process, binds on their own channel.
+"""The AMQP side: one connection, an exclusive queue per bound exchange, binds on their own channel.
 
 Deliveries go to ``on_delivery`` as plain values; nothing is decoded here (the hub
 frames a message only when a stream wants it). Binds run on a channel of their

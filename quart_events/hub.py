@@ -261,7 +261,7 @@ class Hub:
             await asyncio.sleep(0)
 
     def dropped(self) -> None:
-        """The broker dropped a message from the process queue (it was too far behind)."""
+        """The broker dropped a message from an exchange queue (the process fell behind)."""
         self.counts.dropped += 1
 
     def tell_of_drops(self) -> None:

@@ -68,7 +68,7 @@ class Counts:
     bytes_written: int = 0  # to clients
     too_slow: int = 0
     stuck: int = 0
-    dropped: int = 0  # messages the broker dropped from the process queue (its length limit)
+    dropped: int = 0  # messages the broker dropped from our queues (their length limit)
     too_large: int = 0  # messages over pulse.max_message_bytes, not delivered
 
     def as_dict(self) -> dict[str, int]:

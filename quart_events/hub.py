@@ -300,7 +300,6 @@ class Hub:
 
     def _shed(self) -> None:
         budget = self.budget
-        assert budget.limit is not None
         target = budget.limit * 9 // 10
         ended = 0
         for stream in sorted(self.streams, key=lambda s: s.held_bytes, reverse=True):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -40,7 +41,7 @@ class Budget:
     __slots__ = ("freed", "limit", "on_over", "over_called", "total")
 
     def __init__(self, limit: int | None = None, on_over: Callable[[], None] = no_op) -> None:
-        self.limit = limit
+        self.limit = sys.maxsize if limit is None else limit  # an int: one compare per push
         self.total = 0
         self.freed = 0  # bytes let go since the last ``give_back``
         self.on_over = on_over
@@ -48,7 +49,11 @@ class Budget:
 
     def add(self, size: int) -> None:
         self.total += size
-        if self.limit is not None and self.total > self.limit and not self.over_called:
+        if self.total > self.limit:
+            self.exceeded()
+
+    def exceeded(self) -> None:
+        if not self.over_called:
             self.over_called = True
             self.on_over()
 
@@ -150,9 +155,13 @@ class Stream:
         if self.finished:
             return True
         frames, size = self.frames, len(frame)
-        largest = max(self.largest, size)
-        in_flight_largest = self.in_flight_largest if self.in_flight else 0
-        held = self.buffered_bytes + self.in_flight + size - max(largest, in_flight_largest)
+        largest = self.largest if self.largest > size else size
+        # What it would hold beside its largest frame (waiting, or in the chunk in flight).
+        held = self.buffered_bytes + size - largest
+        if self.in_flight:
+            held += self.in_flight
+            if self.in_flight_largest > largest:
+                held += largest - self.in_flight_largest
         if len(frames) >= self.max_frames or held > self.max_bytes:
             self.end_too_slow()
             return False
@@ -161,7 +170,10 @@ class Stream:
         frames.append(frame)
         self.buffered_bytes += size
         self.largest = largest
-        self.budget.add(size)
+        budget = self.budget
+        budget.total += size  # Budget.add, inlined: this runs per message and stream
+        if budget.total > budget.limit:
+            budget.exceeded()
         self.on_frames()
         return True
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import aio_pika
 import helpers
 import pytest
-from helpers import AMQP_URL, EventsServer
+from helpers import AMQP_URL, EventsServer, declare_exchange, delete_exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_LINES = 150  # of each server's log, in the report of a failing test
@@ -71,6 +71,17 @@ async def exchange(
         yield declared
     finally:
         await declared.delete()
+
+
+@pytest.fixture
+async def exchange_name() -> AsyncIterator[str]:
+    """A fresh topic exchange, by name only (for what only needs its name)."""
+    name = f"exchange/test/{uuid.uuid4().hex[:12]}"
+    await declare_exchange(name)
+    try:
+        yield name
+    finally:
+        await delete_exchange(name)
 
 
 @pytest.fixture(scope="module")

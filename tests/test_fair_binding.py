@@ -5,23 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-from helpers import EventsServer, connect_target, declare_exchange, delete_exchange, wait_until
+from helpers import EventsServer, connect_target, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 STREAMS, BINDINGS = 150, 100
-
-
-@pytest.fixture
-async def exchange_name() -> AsyncIterator[str]:
-    name = f"exchange/test/fair-{uuid.uuid4().hex[:8]}"
-    await declare_exchange(name)
-    yield name
-    await delete_exchange(name)
 
 
 class RawStream:

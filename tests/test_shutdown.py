@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 import aio_pika
 import pytest
@@ -37,11 +36,9 @@ async def test_shutdown_sends_clients_to_the_next_server(
         url = first.url([{"exchange": exchange.name, "routingKeyPattern": "#"}])
         with Browser.following(url) as client:
             await client.wait_for("ready")
-            started = time.monotonic()
+            # A clean end (exit 0); a hang would be killed after the helper's 20 s (-9).
             code = await asyncio.to_thread(first.stop, sig)
-            took = time.monotonic() - started
             assert code == 0, first.output()
-            assert took < 10, f"shutdown took {took:.1f} s"
             assert not queues_of(first.namespace, every=True)  # the broker connection was closed
             second = EventsServer.start(port=port)  # "another instance", on the same address
             await client.wait_for("ready", 2)

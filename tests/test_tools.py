@@ -11,7 +11,6 @@ import select
 import ssl
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from helpers import (
     ROOT,
     EventsServer,
     SSEReader,
-    declare_exchange,
-    delete_exchange,
     free_port,
+    publish,
     wait_until,
 )
 from tcp_proxy import TcpProxy
@@ -59,14 +57,6 @@ async def start_listen(*args: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-
-
-@pytest.fixture
-async def exchange_name() -> AsyncIterator[str]:
-    name = f"exchange/test/tools-{uuid.uuid4().hex[:6]}"
-    await declare_exchange(name)
-    yield name
-    await delete_exchange(name)
 
 
 async def test_wait_for_a_task_in_a_script_listen_then_publish(
@@ -218,9 +208,11 @@ class Terminal:
                 os.close(fd)
 
 
-async def test_listen_on_a_terminal_shows_a_status_line_and_readable_messages(
+@contextlib.asynccontextmanager
+async def listening_on_a_terminal(
     server: EventsServer, exchange_name: str
-) -> None:
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Terminal, Terminal]]:
+    """``tc-events listen --count 1`` with its standard output and error on terminals."""
     out, err = Terminal(), Terminal()
     process = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "quart_events", "listen", "--url", server.base],
@@ -230,6 +222,19 @@ async def test_listen_on_a_terminal_shows_a_status_line_and_readable_messages(
         stderr=err.follower,
     )
     try:
+        yield process, out, err
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        out.close()
+        err.close()
+
+
+async def test_listen_on_a_terminal_shows_a_status_line_and_readable_messages(
+    server: EventsServer, exchange_name: str
+) -> None:
+    async with listening_on_a_terminal(server, exchange_name) as (process, out, err):
         for _ in range(100):
             if "ready: waiting for messages" in err.read(0.1):
                 break
@@ -245,12 +250,6 @@ async def test_listen_on_a_terminal_shows_a_status_line_and_readable_messages(
             lines[0],
         ), lines
         assert "\n".join(lines[1:]) == json.dumps({"state": "completed"}, indent=2)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        out.close()
-        err.close()
 
 
 async def publish_with_routes(exchange: str, key: str, payload: object) -> None:
@@ -302,26 +301,18 @@ async def test_listen_prints_any_valid_json_and_never_lets_a_publisher_drive_the
     message heading."""
     piped = await start_listen("--url", server.base, "-e", exchange_name, "-p", "#", "--count", "1")
     await wait_until(lambda: (exchange_name, "#") in server.broker_bindings(), timeout=20)
-    await publish_raw(exchange_name, "k", b'{"note": "\\ud800"}')
+    await publish(exchange_name, "k", b'{"note": "\\ud800"}')
     stdout, stderr = await asyncio.wait_for(piped.communicate(), 30)
     assert piped.returncode == 0, stderr
     assert b"Traceback" not in stderr
     assert json.loads(stdout.decode())["payload"] == {"note": "\ud800"}
 
-    out, err = Terminal(), Terminal()
-    process = await asyncio.create_subprocess_exec(
-        *[sys.executable, "-m", "quart_events", "listen", "--url", server.base],
-        *["-e", exchange_name, "-p", "#", "--count", "1"],
-        cwd=ROOT,
-        stdout=out.follower,
-        stderr=err.follower,
-    )
-    try:
+    async with listening_on_a_terminal(server, exchange_name) as (process, out, err):
         for _ in range(100):
             if "ready: waiting for messages" in err.read(0.1):
                 break
         hostile = "\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\x1b[2J\x9b1m"
-        await publish_raw(exchange_name, f"key.{hostile}", json.dumps({"text": hostile}).encode())
+        await publish(exchange_name, f"key.{hostile}", json.dumps({"text": hostile}).encode())
         assert await asyncio.wait_for(process.wait(), 30) == 0
         shown = out.read()
         assert "\x1b" not in shown and "\x07" not in shown and "\x9b" not in shown
@@ -329,17 +320,3 @@ async def test_listen_prints_any_valid_json_and_never_lets_a_publisher_drive_the
         assert '"\\u001b]0;owned\\u0007' in shown  # the payload, as JSON escapes it
         assert "\\x9b1m" in shown
         assert err.read().endswith("\r\x1b[2K")  # the status line erased before the heading
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        out.close()
-        err.close()
-
-
-async def publish_raw(exchange: str, key: str, body: bytes) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        target = await channel.get_exchange(exchange)
-        await target.publish(aio_pika.Message(body), key)

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,11 +116,11 @@ async def test_sigterm_ends_every_stream_on_every_worker_with_the_reconnect_fram
             await asyncio.wait_for(ready.wait(), 10)
         metrics_dirs = metrics_directories_of(server.process.pid)
         assert len(metrics_dirs) == 1
-        started = time.monotonic()
         server.process.send_signal(sig)
         ended = await asyncio.wait_for(asyncio.gather(*bodies), 20)
         assert await asyncio.to_thread(server.process.wait, 20) == 0
-        assert time.monotonic() - started < 10
+        # Within the grace period: the parent killed no worker for being late.
+        assert "did not stop in time" not in server.output()
         for body in ended:
             assert b"\n\nevent: reconnect\ndata: {}\nid:\nretry: " in body and body.endswith(
                 b"\n\n"

@@ -74,7 +74,7 @@ async def measure(streams: int, seconds: float, tuned: bool, port: int, young: i
         stdout=subprocess.DEVNULL,
     )
     try:
-        while len(service_of(app).hub.streams) < streams:  # noqa: ASYNC110 (polling)
+        while len(service_of(app).hub.subscribers) < streams:  # noqa: ASYNC110 (polling)
             await asyncio.sleep(0.5)
         pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
         began = [0.0]

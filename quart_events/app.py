@@ -18,10 +18,11 @@ from quart import Quart, Response, send_file
 from .broker import Broker
 from .connect import ConnectEndpoint
 from .hub import Hub
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, Counts, Metrics
 from .service import Service
 from .settings import Settings
 from .shared_bindings import SharedBindings
+from .subscribers import Subscribers
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,15 @@ def service_of(app: Quart) -> Service:
 def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Quart:
     """The service; ``reload`` reads the settings again (credentials on each reconnect)."""
     metrics = Metrics()
+    counts = Counts()
     broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
     shared = SharedBindings(broker)
-    hub = Hub(settings.server, shared, settings.pulse, metrics)
-    # The wires: deliveries flow from the broker to the hub; the broker's answers about
-    # bindings reach the hub through the shared bindings; a new connection restores.
-    broker.on_delivery = hub.deliver
-    broker.on_connected = hub.reconnected
-    broker.on_dropped = hub.dropped
-    broker.on_confirmed = hub.confirmed
-    shared.on_settled = hub.settled
+    hub = Hub(settings.server, shared, settings.pulse, metrics, counts)
+    # The hub hears the broker (deliveries, connections, drops, the link's answers) and
+    # the shared bindings (the broker's answer for each binding).
+    broker.attach(hub)
+    shared.attach(hub)
+    subscribers = Subscribers(hub, settings.server, metrics)
     service = Service(settings, broker, shared, hub, metrics)
 
     app = Quart(__name__, static_folder=str(STATIC))
@@ -64,7 +64,8 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     app.after_serving(service.stop)
     _add_plain_routes(app, service)
     # Requests reach the connect endpoint first; everything else goes on to Quart.
-    app.asgi_app = ConnectEndpoint(app.asgi_app, hub, settings.server)  # type: ignore[method-assign]
+    endpoint = ConnectEndpoint(app.asgi_app, subscribers, settings.server, counts)
+    app.asgi_app = endpoint  # type: ignore[method-assign]
     return app
 
 

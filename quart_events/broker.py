@@ -1,7 +1,7 @@
 """The AMQP side: one connection, an exclusive queue per bound exchange, binds on their own channel.
 
-Deliveries go to ``on_delivery`` as plain values; nothing is decoded here (the hub
-frames a message only when a stream wants it). Binds run on a channel of their
+Deliveries go to the listener (the hub) as ``Message`` values; nothing is decoded
+here (a message is decoded only when a subscriber wants it). Binds run on a channel of their
 own: a bind to a missing exchange makes the broker close the channel it came on,
 and that must never be the consuming one. Bindings are kept out of aio-pika's
 robust bookkeeping on purpose (it replays every binding after a reconnect and
@@ -9,8 +9,8 @@ loops when one exchange is gone); ``shared_bindings`` owns them, and binds only 
 the connection it means (``generation``).
 
 The supervisor never dies and never waits for anyone: whatever a connect attempt
-raises is logged and retried with backoff, and ``on_connected`` is a plain call
-that only starts the restore, so a loss during a restore is met by reconnecting.
+raises is logged and retried with backoff, and the listener's ``reconnected`` is a
+plain call that only starts the restore, so a loss during a restore is met by reconnecting.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import ssl
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
@@ -37,13 +37,11 @@ from pamqp.commands import Basic as _Basic
 
 from .bindings import Binding
 from .errors import BindFailed, BrokerError, BrokerUnavailable, ExchangeMissing, NotConnected
+from .message import Message
 from .settings import PulseSettings
 
 log = logging.getLogger(__name__)
 
-# (exchange published to, routing key, redelivered, body, headers, exchange bound: the
-# queue it came on)
-DeliveryHandler = Callable[[str, str, bool, bytes, "dict[str, Any] | None", str], None]
 
 CONFIRMED_FOR = 1.0  # seconds an answer of the broker confirms the link for
 DEFAULT_PROBE_TIMEOUT = 30.0  # seconds, when the heartbeat is off
@@ -136,6 +134,22 @@ async def check_broker(settings: PulseSettings) -> None:
     await broker._drop_connection()
 
 
+class BrokerListener(Protocol):
+    """Who hears from the broker connection (the hub)."""
+
+    def deliver(self, message: Message) -> None:
+        """A message came on one of the process's queues."""
+
+    def reconnected(self) -> None:
+        """A new connection (the first included): bindings must be made on it."""
+
+    def dropped(self) -> None:
+        """The broker dropped a message of an exchange queue (``queue_max_length``)."""
+
+    def confirmed(self) -> None:
+        """The broker answered a probe of the link."""
+
+
 @dataclass
 class ExchangeQueue:
     """The queue of one bound exchange on the current connection."""
@@ -150,8 +164,8 @@ class Broker:
 
     Every connection gets a fresh queue name: after a cut, the broker may still hold
     the old exclusive queue for the dead connection until its heartbeat runs out.
-    ``generation`` counts connections; ``on_connected`` is called after each one so
-    the bindings made on an earlier one can be made again.
+    ``generation`` counts connections; the listener's ``reconnected`` is called after
+    each one so the bindings made on an earlier one can be made again.
     """
 
     def __init__(
@@ -162,10 +176,7 @@ class Broker:
     ) -> None:
         self.settings = settings
         self.name = name
-        self.on_delivery: DeliveryHandler = lambda *_: None
-        self.on_connected: Callable[[], None] = lambda: None
-        self.on_dropped: Callable[[], None] = lambda: None
-        self.on_confirmed: Callable[[], None] = lambda: None
+        self._listener: BrokerListener | None = None
         self._answered_at = 0.0  # loop time the broker last answered a probe of the link
         self._probe_now = asyncio.Event()  # someone waits for the link to be confirmed
         self._watchdog: asyncio.Task[None] | None = None
@@ -198,17 +209,28 @@ class Broker:
         now = asyncio.get_running_loop().time()
         return self.is_connected and now - self._answered_at < CONFIRMED_FOR
 
+    def attach(self, listener: BrokerListener) -> None:
+        """Who hears of deliveries and of the connection; before ``start``."""
+        self._listener = listener
+
+    @property
+    def listener(self) -> BrokerListener:
+        if self._listener is None:
+            raise RuntimeError("Broker: no listener attached (attach the hub before start)")
+        return self._listener
+
     def confirm_link(self) -> None:
-        """Probe the link now; ``on_confirmed`` is called when the broker answers."""
+        """Probe the link now; the listener's ``confirmed`` is called when the broker answers."""
         self._probe_now.set()
 
     async def start(self, *, connect_in_background: bool = False) -> None:
         """Connect now and raise ``BrokerUnavailable`` if that fails, or (with
         ``connect_in_background``) keep trying in the background; either way, reconnect
         whenever the connection is lost."""
+        listener = self.listener  # none attached: fail before connecting
         if not connect_in_background:
             await self._connect_to_any_node()
-            self.on_connected()
+            listener.reconnected()
         self._supervisor = asyncio.ensure_future(self._supervise())
 
     async def close(self) -> None:
@@ -307,7 +329,7 @@ class Broker:
                 if self.generation != generation:
                     return
                 self._answered_at = loop.time()
-                self.on_confirmed()
+                self.listener.confirmed()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._probe_now.wait(), every)
         except asyncio.CancelledError:
@@ -348,7 +370,7 @@ class Broker:
             if self.generation > 1:
                 self.reconnects += 1
             try:
-                self.on_connected()  # only starts the restore: never waits for it
+                self.listener.reconnected()  # only starts the restore: never waits for it
             except Exception:
                 log.exception("starting the restore of the bindings failed")
 
@@ -428,18 +450,20 @@ class Broker:
                 await self._consume_channel.basic_cancel(queue.consumer_tag)
 
     async def _on_dropped(self, message: DeliveredMessage) -> None:
-        self.on_dropped()
+        self.listener.dropped()
 
     async def _on_message(self, bound: str, message: DeliveredMessage) -> None:
         delivery = message.delivery
         assert isinstance(delivery, _Basic.Deliver)  # a consumer only gets Basic.Deliver
-        self.on_delivery(
-            delivery.exchange or "",
-            delivery.routing_key or "",
-            bool(delivery.redelivered),
-            message.body,
-            message.header.properties.headers,
-            bound,
+        self.listener.deliver(
+            Message(
+                delivery.exchange or "",
+                delivery.routing_key or "",
+                bool(delivery.redelivered),
+                message.body,
+                message.header.properties.headers,
+                bound,
+            )
         )
 
     # -- bindings -------------------------------------------------------------------

@@ -1,17 +1,17 @@
-"""The connect endpoint as a plain ASGI handler, in front of the Quart app.
+"""The SSE transport: the connect endpoint as a plain ASGI handler, in front of the Quart app.
 
 Why not a Quart route: a server holds thousands of these streams open, and Quart's
 per-request machinery (two tasks, a request and a response object, contexts) cost
 about a third of the memory of each (docs/performance.md has the figures). Here each
 stream costs hypercorn's connection, the handler's task and, only while there is
 something to write, a writer task. Everything else (lifespan, stats, 404s) goes on
-to Quart.
+to Quart. Who may subscribe is the subscriber layer's to say (``subscribers.py``);
+this module only translates its answers to SSE.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import urllib.parse
 from collections.abc import Iterable
 
@@ -25,10 +25,20 @@ from hypercorn.typing import (
 
 from . import sse
 from .bindings import BindingError, parse_bindings
-from .hub import Hub
-from .metrics import Counts, Outcome
+from .errors import TOO_SLOW
+from .message import Message
+from .metrics import Counts, EndReason
+from .outbox import Outbox, no_op
 from .settings import ServerSettings
-from .stream import Stream, no_op
+from .subscribers import (
+    BadInput,
+    OverLimit,
+    Refusal,
+    ShuttingDown,
+    Subscriber,
+    Subscribers,
+    retry_ms,
+)
 
 PATHS = frozenset(
     path + slash for path in ("/api/events/v1/connect", "/events/v1/connect") for slash in ("", "/")
@@ -39,17 +49,56 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+TOO_SLOW_FRAME = sse.error(TOO_SLOW)
+
+
+class SseTransport:
+    """SSE's frames for the hub: every stream of a message gets the same bytes."""
+
+    addressed = False
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+
+    def encode(self, message: Message) -> bytes:
+        return sse.message_event(message)
+
+    def ready(self, subscriber: Subscriber) -> bytes:
+        return sse.READY
+
+    def address(self, subscriber: Subscriber, frame: bytes) -> bytes:
+        return frame
+
+    def ping(self) -> bytes:
+        return sse.ping()
+
+    def end(self, subscriber: Subscriber, reason: EndReason, detail: str | None) -> None:
+        """A stream is one subscriber: ending it ends the response after a last frame."""
+        outbox = subscriber.outbox
+        if reason is EndReason.TOO_SLOW:
+            outbox.end_too_slow()
+        elif reason is EndReason.SHUTDOWN:
+            outbox.finish(sse.goodbye(retry_ms(self.settings)), reason)
+        else:
+            outbox.finish(sse.error(detail or ""), reason)
 
 
 class ConnectEndpoint:
     """Serves GET on the connect paths; passes every other request on to ``app``."""
 
-    def __init__(self, app: ASGIFramework, hub: Hub, settings: ServerSettings) -> None:
+    def __init__(
+        self,
+        app: ASGIFramework,
+        subscribers: Subscribers,
+        settings: ServerSettings,
+        counts: Counts,
+    ) -> None:
         self.app = app
-        self.hub = hub
+        self.subscribers = subscribers
         self.settings = settings
+        self.counts = counts
+        self.transport = SseTransport(settings)
         self.cors = [(b"access-control-allow-origin", settings.cors_allow_origin.encode())]
-        self.opened = hub.metrics.streams_opened
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -97,35 +146,22 @@ class ConnectEndpoint:
             limit = settings.max_request_line
             await self._plain(send, 414, f"Request line too long: at most {limit} bytes.\n")
             return
+        client = _Client(send, self.counts)
         try:
             bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
         except BindingError as error:
-            self.opened.labels(Outcome.BAD_INPUT).inc()
-            await self._stream_of(send, sse.error(str(error)))
+            admitted: Subscriber | Refusal = self.subscribers.bad_input(str(error))
+        else:
+            outbox = self.subscribers.outbox(client.frames_waiting, client.abort, TOO_SLOW_FRAME)
+            admitted = self.subscribers.admit(bindings, self.transport, outbox)
+            del bindings  # this frame lives as long as the stream: keep it small
+        if not isinstance(admitted, Subscriber):
+            await self._refuse(send, event_source, admitted)
             return
-        if self.hub.shutting_down:
-            # This process is going away: come back (to the next one) as if it had ended.
-            self.opened.labels(Outcome.SHUTTING_DOWN).inc()
-            await self._stream_of(send, self.hub.goodbye())
-            return
-        if len(self.hub.streams) >= settings.max_streams:
-            self.opened.labels(Outcome.OVER_LIMIT).inc()
-            await self._refuse(send, event_source, "Too many streams on this server")
-            return
-        fits, never = self.hub.binding_room(bindings)
-        if never is not None:
-            self.opened.labels(Outcome.BAD_INPUT).inc()
-            await self._stream_of(send, sse.error(never))
-            return
-        if not fits:
-            self.opened.labels(Outcome.OVER_LIMIT).inc()
-            await self._refuse(send, event_source, "Too many bindings on this server")
-            return
-        await self._start_stream(send)
-        client = _Client(send, self.hub.counts)
-        client.stream = self.hub.open(bindings, client.frames_waiting, client.abort)
-        del bindings  # this frame lives as long as the stream: keep it small
+        client.outbox = admitted.outbox
         try:
+            await self._start_stream(send)
+            client.start()  # what the hub put in the outbox meanwhile goes out now
             # The request's own task only waits for the client to leave; frames are
             # written by a task that exists while there is something to write.
             while (await receive())["type"] != "http.disconnect":
@@ -135,30 +171,30 @@ class ConnectEndpoint:
             if not client.ended or asyncio.current_task().uncancel():  # type: ignore[union-attr]
                 raise
         finally:
-            client.ended = True  # closing the stream below must not start a writer
-            client.stop_writing()
+            client.stop()  # closing the outbox below must not start a writer
+            admitted.outbox.close()  # nothing more is written: its frames leave the budget
             peer = scope["client"] if settings.log_client_address else None
-            self.hub.close(client.stream, f"{peer[0]}:{peer[1]}" if peer else None)
-            # Break the stream <-> client cycle: refcounting frees them now, and less of
+            self.subscribers.leave(admitted, f"{peer[0]}:{peer[1]}" if peer else None)
+            # Break the outbox <-> client cycle: refcounting frees them now, and less of
             # a closed connection waits for the garbage collector.
-            client.stream.on_frames = client.stream.on_abort = no_op
-            client.stream = client.request_task = None
+            admitted.outbox.on_frames = admitted.outbox.on_abort = no_op
+            client.outbox = client.request_task = None
 
-    async def _refuse(self, send: ASGISendCallable, event_source: bool, why: str) -> None:
-        """Over a limit of this process. An EventSource stops for good on a 503, so it gets a
-        stream that ends at once and asks it to come back later, as on shutdown; other
-        clients get the 503. Either way the delay is jittered within the retry window."""
-        if event_source:
-            await self._stream_of(send, self.hub.goodbye())
-            return
-        low, high = self.settings.retry_min_ms, self.settings.retry_max_ms
-        retry_after = str(max(1, -(-random.randint(low, high) // 1000))).encode()
-        await self._plain(
-            send,
-            503,
-            f"{why}; retry later.\n",
-            [(b"retry-after", retry_after)],
-        )
+    async def _refuse(self, send: ASGISendCallable, event_source: bool, refusal: Refusal) -> None:
+        """Bad input: a stream of its ``error``. Shutting down: a stream that ends at once
+        and sends the client elsewhere. Over a limit: an EventSource stops for good on a
+        503, so it gets that same stream that asks it to come back later; other clients
+        get the 503. Either way the delay is jittered within the retry window."""
+        if isinstance(refusal, BadInput):
+            await self._stream_of(send, sse.error(refusal.message))
+        elif isinstance(refusal, ShuttingDown) or event_source:
+            await self._stream_of(send, sse.goodbye(refusal.retry_ms))
+        else:
+            assert isinstance(refusal, OverLimit)
+            retry_after = str(max(1, -(-refusal.retry_ms // 1000))).encode()
+            await self._plain(
+                send, 503, f"{refusal.why}; retry later.\n", [(b"retry-after", retry_after)]
+            )
 
     async def _stream_of(self, send: ASGISendCallable, frame: bytes) -> None:
         """A whole stream of one frame."""
@@ -173,34 +209,38 @@ class ConnectEndpoint:
 
 
 class _Client:
-    """Writes one stream to its client, from a task that lives only while it writes.
+    """Writes one stream's outbox to its client, from a task that lives only while it
+    writes: an idle stream then costs no task of its own beyond the request's, which
+    waits for the client to leave."""
 
-    An idle stream then costs no task of its own beyond the request's, which waits for
-    the client to leave.
-    """
-
-    __slots__ = ("counts", "ended", "request_task", "send", "stream", "writer")
+    __slots__ = ("counts", "ended", "outbox", "request_task", "send", "started", "writer")
 
     def __init__(self, send: ASGISendCallable, counts: Counts) -> None:
         self.send = send
         self.counts = counts
-        self.stream: Stream | None = None
+        self.outbox: Outbox | None = None
         self.request_task = asyncio.current_task()
         self.writer: asyncio.Task[None] | None = None
-        self.ended = False  # the response is complete: the request task may stop
+        self.started = False  # the response's headers are out: frames may follow
+        self.ended = False  # the response is complete (or the client gone): stop
+
+    def start(self) -> None:
+        self.started = True
+        if self.outbox is not None and (self.outbox.frames or self.outbox.finished):
+            self.frames_waiting()
 
     def frames_waiting(self) -> None:
-        if self.writer is None and not self.ended:
+        if self.writer is None and self.started and not self.ended:
             self.writer = asyncio.ensure_future(self._write())
 
     async def _write(self) -> None:
-        stream = self.stream
-        assert stream is not None
+        outbox = self.outbox
+        assert outbox is not None
         try:
-            while stream.frames:
-                chunk = stream.take()
+            while outbox.frames:
+                chunk = outbox.take()
                 self.counts.bytes_written += len(chunk)
-                stream.sending(chunk)  # held, and counted, until the write returns
+                outbox.sending(chunk)  # held, and counted, until the write returns
                 try:
                     # What one send hands over to the server is bounded: hypercorn holds
                     # what it is given until the client takes it.
@@ -210,26 +250,24 @@ class _Client:
                             {"type": "http.response.body", "body": piece, "more_body": True}
                         )
                 finally:
-                    stream.sent()
-            if stream.finished:
+                    outbox.sent()
+            if outbox.finished:
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-                self._end()
+                self.abort()  # the response is complete: the request task may stop
         finally:
             self.writer = None
 
-    def _end(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        if self.request_task is not None and self.request_task is not asyncio.current_task():
-            self.request_task.cancel()
-
     def abort(self) -> None:
-        """The client takes nothing any more: stop writing, end the request."""
-        self.stop_writing()
-        self._end()
+        """Nothing more is written (the response is complete, or the client takes
+        nothing any more): stop the writer and end the request, once."""
+        first, task = not self.ended, self.request_task
+        self.stop()
+        if first and task is not None and task is not asyncio.current_task():
+            task.cancel()
 
-    def stop_writing(self) -> None:
+    def stop(self) -> None:
+        """Stop writing, for good."""
+        self.ended = True
         writer, self.writer = self.writer, None
         if writer is not None and writer is not asyncio.current_task():
             writer.cancel()

@@ -1,11 +1,11 @@
-"""The registry of open streams: who is ready, who matches a message, fan-out.
+"""The registry of subscribers: who is ready, who matches a message, fan-out.
 
-A stream joins the topic tries, and so starts getting messages, when every one of
-its bindings is in effect on the current broker connection: that is the moment
-its ``ready`` goes out. After a reconnect each stream gets ``ready`` again once
-its bindings are bound on the new connection, or an ``error`` when the broker
-refuses one. A message is framed once, and the same bytes go to every matching
-stream, once per stream, whether its routing key or a ``CC`` key matched.
+A subscriber joins the topic tries, and so starts getting messages, when every one
+of its bindings is in effect on the current broker connection: that is the moment
+its ``ready`` goes out. After a reconnect each subscriber gets ``ready`` again once
+its bindings are bound on the new connection, or an error when the broker refuses
+one. A message reaches every matching subscriber once, whether its routing key or a
+``CC`` key matched, and each transport encodes it once for all of its subscribers.
 """
 
 from __future__ import annotations
@@ -13,23 +13,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
-from . import sse
 from .bindings import Binding
 from .errors import BindFailed, ExchangeMissing, client_message
+from .message import Message
 from .metrics import Counts, EndReason, Metrics, Outcome
+from .outbox import Budget, Outbox
 from .settings import PulseSettings, ServerSettings
 from .shared_bindings import SharedBinding, SharedBindings
-from .stream import Budget, Stream, no_op
+from .subscribers import Subscriber, Transport
 from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
-PING_BATCH = 250  # streams pinged per event-loop turn
-MEMORY_SHARE = 4  # by default, streams may hold a quarter of the machine's memory
+PING_BATCH = 250  # subscribers pinged per event-loop turn
+MEMORY_SHARE = 4  # by default, outboxes may hold a quarter of the machine's memory
 
 
 def max_buffered_bytes(settings: ServerSettings) -> int:
@@ -44,7 +43,11 @@ def max_buffered_bytes(settings: ServerSettings) -> int:
 
 
 class Hub:
-    """Open streams, their topic tries, and their state with the broker."""
+    """Subscribers, their topic tries, and their state with the broker.
+
+    It is the broker's listener (``deliver``, ``reconnected``, ``dropped``,
+    ``confirmed``) and the shared bindings' (``settled``): the factory attaches it.
+    """
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class Hub:
         shared: SharedBindings,
         pulse: PulseSettings,
         metrics: Metrics,
+        counts: Counts | None = None,
     ) -> None:
         self.settings = settings
         self.shared = shared
@@ -59,61 +63,182 @@ class Hub:
         self.queue_max_length = pulse.queue_max_length
         self.max_message_bytes = pulse.max_message_bytes
         self.metrics = metrics
-        self.counts = Counts()
-        self.streams: set[Stream] = set()
+        self.counts = counts or Counts()
+        self.subscribers: set[Subscriber] = set()
         self.budget = Budget(max_buffered_bytes(settings), self._over_budget)
         self.shutting_down = False
-        self._waiting: dict[SharedBinding, set[Stream]] = {}
-        # New streams whose bindings are in effect, held back while the broker has not
-        # answered the link's probe for a while: ``ready`` only on a confirmed link.
-        self._unconfirmed: set[Stream] = set()
-        self._dropped_told = 0  # drops the streams were told of (``tell_of_drops``)
+        self._waiting: dict[SharedBinding, set[Subscriber]] = {}
+        # New subscribers whose bindings are in effect, held back while the broker has
+        # not answered the link's probe for a while: ``ready`` only on a confirmed link.
+        self._unconfirmed: set[Subscriber] = set()
+        self._dropped_told = 0  # drops the subscribers were told of (``tell_of_drops``)
         self._too_large_told = 0
-        self._tries: dict[str, TopicTrie[Stream]] = {}
+        self._tries: dict[str, TopicTrie[Subscriber]] = {}
 
-    # -- streams ---------------------------------------------------------------
+    # -- a subscriber's life -----------------------------------------------------------
 
-    def open(
-        self,
-        bindings: Iterable[Binding],
-        on_frames: Callable[[], None] = no_op,
-        on_abort: Callable[[], None] = no_op,
-    ) -> Stream:
-        """Register a stream; ``ready`` (or an ``error``) arrives in its buffer."""
-        settings = self.settings
-        stream = Stream(
-            bindings,
-            settings.buffer_messages,
-            settings.buffer_bytes,
-            on_frames,
-            on_abort,
-            self.budget,
-        )
-        self.streams.add(stream)
-        stream.shares = [self.shared.acquire(binding, stream) for binding in stream.bindings]
-        # The shared (equal) instances: streams with the same bindings, the common case,
-        # then hold no copies of their own for as long as they live.
-        stream.bindings = tuple(share.binding for share in stream.shares)
-        waiting = self._wait(stream)
-        if not waiting and (not stream.shares or self.shared.binder.link_confirmed):
-            self._ready(stream)  # every binding is in effect already (or there is none)
-            return stream
+    def open(self, bindings: Iterable[Binding], transport: Transport, outbox: Outbox) -> Subscriber:
+        """Register a subscriber; its ``ready`` (or an error) arrives in its outbox.
+        Admission (``Subscribers.admit``) decides first whether it may."""
+        subscriber = Subscriber(bindings, transport, outbox)
+        self.subscribers.add(subscriber)
+        shared = self.shared
+        subscriber.shares = [shared.acquire(binding, subscriber) for binding in subscriber.bindings]
+        # The shared (equal) instances: subscribers with the same bindings, the common
+        # case, then hold no copies of their own for as long as they live.
+        subscriber.bindings = tuple(share.binding for share in subscriber.shares)
+        waiting = self._wait(subscriber)
+        if not waiting and (not subscriber.shares or shared.link_confirmed):
+            self._ready(subscriber)  # every binding is in effect already (or there is none)
+            return subscriber
         if not waiting:
-            self._unconfirmed.add(stream)
-            self.shared.binder.confirm_link()
-        # A new stream waits for the broker so long, then is told it is unavailable.
+            self._unconfirmed.add(subscriber)
+            shared.confirm_link()
+        # A new subscriber waits for the broker so long, then is told it is unavailable.
         loop = asyncio.get_running_loop()
-        stream.deadline = loop.call_later(self.wait_for_broker, self._give_up, stream)
-        return stream
+        subscriber.deadline = loop.call_later(self.wait_for_broker, self._give_up, subscriber)
+        return subscriber
+
+    def leave(self, subscriber: Subscriber, peer: str | None = None) -> None:
+        """Forget a subscriber (its client left, or its end was written); release what it
+        held. Its outbox is its transport's: it may carry other subscribers."""
+        if subscriber not in self.subscribers:
+            return
+        self.subscribers.discard(subscriber)
+        self._unconfirmed.discard(subscriber)
+        reason = subscriber.why_ended
+        if subscriber.end_reason is None:
+            subscriber.end_reason = reason
+        self.metrics.streams_ended.labels(reason).inc()
+        log.info(
+            "stream ended: %s, %d bindings, %.1f s, %d messages%s",
+            reason.replace("_", " "),
+            len(subscriber.bindings),
+            time.monotonic() - subscriber.opened_at,
+            subscriber.delivered,
+            f", client {peer}" if peer else "",
+        )
+        self._unwait(subscriber)
+        if subscriber.joined:
+            for binding in subscriber.bindings:
+                trie = self._tries[binding.exchange]
+                trie.discard(binding.routing_key_pattern, subscriber)
+                if not len(trie):
+                    del self._tries[binding.exchange]
+        for share in subscriber.shares:
+            self.shared.release(share)
+        subscriber.shares = []
+
+    def _end(self, subscriber: Subscriber, reason: EndReason, detail: str | None = None) -> None:
+        """End a subscriber on its wire, for ``reason``; it leaves once that is written."""
+        self._unwait(subscriber)
+        self._unconfirmed.discard(subscriber)
+        if subscriber.ended:
+            return
+        subscriber.end_reason = reason
+        subscriber.transport.end(subscriber, reason, detail)
+
+    def _wait(self, subscriber: Subscriber) -> bool:
+        """Note what the subscriber waits for; ``False`` when every binding is in effect."""
+        self._unwait(subscriber)
+        for share in subscriber.shares:
+            if not self.shared.in_effect(share):
+                self._waiting.setdefault(share, set()).add(subscriber)
+                subscriber.waiting_for += 1
+        return subscriber.waiting_for > 0
+
+    def _unwait(self, subscriber: Subscriber) -> None:
+        if subscriber.deadline is not None:
+            subscriber.deadline.cancel()
+            subscriber.deadline = None
+        if subscriber.waiting_for:
+            for share in subscriber.shares:
+                waiters = self._waiting.get(share)
+                if waiters is not None:
+                    waiters.discard(subscriber)
+                    if not waiters:
+                        del self._waiting[share]
+            subscriber.waiting_for = 0
+
+    def _ready(self, subscriber: Subscriber) -> None:
+        if subscriber.deadline is not None:
+            subscriber.deadline.cancel()
+            subscriber.deadline = None
+        if not subscriber.joined:
+            self.metrics.streams_opened.labels(Outcome.READY).inc()
+            self.metrics.ready_seconds.observe(time.monotonic() - subscriber.opened_at)
+            for binding in subscriber.bindings:
+                self._tries.setdefault(binding.exchange, TopicTrie()).add(
+                    binding.routing_key_pattern, subscriber
+                )
+            subscriber.joined = True
+        subscriber.generation = self.shared.generation
+        self._push(subscriber, subscriber.transport.ready(subscriber))
+
+    def _fail(
+        self, subscriber: Subscriber, error: BaseException, outcome: Outcome | None = None
+    ) -> None:
+        if not subscriber.joined and not subscriber.ended:
+            if outcome is None:
+                outcome = (
+                    Outcome.MISSING_EXCHANGE
+                    if isinstance(error, ExchangeMissing)
+                    else Outcome.ERROR
+                )
+            self.metrics.streams_opened.labels(outcome).inc()
+        self._end(subscriber, EndReason.ERROR, client_message(error))
+
+    def _give_up(self, subscriber: Subscriber) -> None:
+        subscriber.deadline = None
+        self._unconfirmed.discard(subscriber)
+        shares = subscriber.shares
+        waiting = next((share for share in shares if not self.shared.in_effect(share)), None)
+        share = waiting or (shares[0] if shares else None)
+        exchange = share.binding.exchange if share is not None else ""
+        if self.shared.is_connected:  # connected: the binds waiting were too many
+            self._fail(subscriber, BindFailed.busy(exchange), Outcome.BUSY)
+        else:
+            self._fail(subscriber, BindFailed.unavailable(exchange), Outcome.BROKER_UNAVAILABLE)
+
+    # -- the broker's news ------------------------------------------------------------
+
+    def settled(self, share: SharedBinding) -> None:
+        """The broker answered for ``share``: bound on this connection, or refused."""
+        if share.failure is None and not self.shared.in_effect(share):
+            return  # bound on a connection that is gone already: it is bound again
+        for subscriber in self._waiting.pop(share, ()):
+            if share.failure is not None:
+                self._fail(subscriber, share.failure)
+            else:
+                subscriber.waiting_for -= 1
+                if not subscriber.waiting_for:
+                    self._ready(subscriber)
 
     def confirmed(self) -> None:
-        """The broker answered a probe of the link: streams held back get ``ready``."""
+        """The broker answered a probe of the link: subscribers held back get ``ready``."""
         if not self._unconfirmed:
             return
         held, self._unconfirmed = self._unconfirmed, set()
-        for stream in held:
-            if not stream.finished and not self._wait(stream):
-                self._ready(stream)
+        for subscriber in held:
+            if not subscriber.ended and not self._wait(subscriber):
+                self._ready(subscriber)
+
+    def reconnected(self) -> None:
+        """A new broker connection: each subscriber that was ready is made ready on it."""
+        self.shared.connected()
+        generation = self.shared.generation
+        held, self._unconfirmed = self._unconfirmed, set()
+        for subscriber in held:  # on the new connection they wait for their bindings
+            if not subscriber.ended and not self._wait(subscriber):
+                self._ready(subscriber)
+        for subscriber in list(self.subscribers):
+            stale = subscriber.joined and subscriber.generation < generation
+            if stale and not subscriber.ended and not self._wait(subscriber):
+                self._ready(subscriber)
+
+    def dropped(self) -> None:
+        """The broker dropped a message from an exchange queue (the process fell behind)."""
+        self.counts.dropped += 1
 
     def binding_room(self, bindings: Iterable[Binding]) -> tuple[bool, str | None]:
         """Whether this process may take ``bindings`` now; else why not, when waiting
@@ -134,140 +259,70 @@ class Hub:
         )
         return fits, None
 
-    def close(self, stream: Stream, peer: str | None = None) -> None:
-        """Forget a stream (its client left or it ended); release what it held."""
-        if stream not in self.streams:
+    # -- messages --------------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        """Fan one delivery out to every subscriber whose bindings match its routing key or
+        a ``CC`` key (RabbitMQ routes by both); the subscribers of the exchange whose queue
+        it came on (``via``) get it."""
+        counts = self.counts
+        counts.deliveries += 1
+        trie = self._tries.get(message.via)
+        if trie is None:
             return
-        self.streams.discard(stream)
-        self._unconfirmed.discard(stream)
-        stream.finish()
-        stream.discard_frames()  # nothing more is written: they leave the budget
-        reason = stream.end_reason or EndReason.CLIENT_LEFT
-        self.metrics.streams_ended.labels(reason).inc()
-        log.info(
-            "stream ended: %s, %d bindings, %.1f s, %d messages%s",
-            reason.replace("_", " "),
-            len(stream.bindings),
-            time.monotonic() - stream.opened_at,
-            stream.delivered,
-            f", client {peer}" if peer else "",
-        )
-        self._unwait(stream)
-        if stream.joined:
-            for binding in stream.bindings:
-                trie = self._tries[binding.exchange]
-                trie.discard(binding.routing_key_pattern, stream)
-                if not len(trie):
-                    del self._tries[binding.exchange]
-        for share in stream.shares:
-            self.shared.release(share)
-        stream.shares = []
-
-    def _wait(self, stream: Stream) -> bool:
-        """Note what the stream waits for; ``False`` when every binding is in effect."""
-        self._unwait(stream)
-        for share in stream.shares:
-            if not self.shared.in_effect(share):
-                self._waiting.setdefault(share, set()).add(stream)
-                stream.waiting_for += 1
-        return stream.waiting_for > 0
-
-    def _unwait(self, stream: Stream) -> None:
-        if stream.deadline is not None:
-            stream.deadline.cancel()
-            stream.deadline = None
-        if stream.waiting_for:
-            for share in stream.shares:
-                waiters = self._waiting.get(share)
-                if waiters is not None:
-                    waiters.discard(stream)
-                    if not waiters:
-                        del self._waiting[share]
-            stream.waiting_for = 0
-
-    def settled(self, share: SharedBinding) -> None:
-        """The broker answered for ``share``: bound on this connection, or refused."""
-        if share.failure is None and not self.shared.in_effect(share):
-            return  # bound on a connection that is gone already: it is bound again
-        for stream in self._waiting.pop(share, ()):
-            if share.failure is not None:
-                self._fail(stream, share.failure)
+        subscribers = trie.match(message.routing_key)
+        for key in message.cc:
+            subscribers |= trie.match(key)
+        if not subscribers:
+            return
+        if len(message.body) > self.max_message_bytes:
+            # Checking a body is strict JSON builds its whole tree: a 32 MiB one once took
+            # a GiB and stalled every stream for most of a second. Not delivered, counted,
+            # and its subscribers are told that they missed something.
+            counts.too_large += 1
+            for subscriber in subscribers:
+                self._push(subscriber, subscriber.transport.ready(subscriber))
+            return
+        if not message.is_json:
+            counts.non_json += 1
+        counts.frames_delivered += len(subscribers)
+        last: Transport | None = None
+        frame = b""
+        for subscriber in subscribers:
+            transport = subscriber.transport
+            if transport is not last:  # one encoding per transport (most have one)
+                last, frame = transport, message.encoded(transport)
+            subscriber.delivered += 1
+            if transport.addressed:
+                self._push(subscriber, transport.address(subscriber, frame))
             else:
-                stream.waiting_for -= 1
-                if not stream.waiting_for:
-                    self._ready(stream)
+                self._push(subscriber, frame)
 
-    def _ready(self, stream: Stream) -> None:
-        if stream.deadline is not None:
-            stream.deadline.cancel()
-            stream.deadline = None
-        if not stream.joined:
-            self.metrics.streams_opened.labels(Outcome.READY).inc()
-            self.metrics.ready_seconds.observe(time.monotonic() - stream.opened_at)
-            for binding in stream.bindings:
-                self._tries.setdefault(binding.exchange, TopicTrie()).add(
-                    binding.routing_key_pattern, stream
-                )
-            stream.joined = True
-        stream.generation = self.shared.binder.generation
-        stream.push(sse.READY)
-
-    def _fail(self, stream: Stream, error: BaseException, outcome: Outcome | None = None) -> None:
-        self._unwait(stream)
-        if not stream.joined and not stream.finished:
-            if outcome is None:
-                outcome = (
-                    Outcome.MISSING_EXCHANGE
-                    if isinstance(error, ExchangeMissing)
-                    else Outcome.ERROR
-                )
-            self.metrics.streams_opened.labels(outcome).inc()
-        stream.finish(sse.error(client_message(error)), EndReason.ERROR)
-
-    def _give_up(self, stream: Stream) -> None:
-        stream.deadline = None
-        self._unconfirmed.discard(stream)
-        waiting = next((share for share in stream.shares if not self.shared.in_effect(share)), None)
-        share = waiting or (stream.shares[0] if stream.shares else None)
-        exchange = share.binding.exchange if share is not None else ""
-        if self.shared.binder.is_connected:  # connected: the binds waiting were too many
-            self._fail(stream, BindFailed.busy(exchange), Outcome.BUSY)
-        else:
-            self._fail(stream, BindFailed.unavailable(exchange), Outcome.BROKER_UNAVAILABLE)
-
-    def reconnected(self) -> None:
-        """A new broker connection: each stream that was ready is made ready again on it."""
-        self.shared.connected()
-        generation = self.shared.binder.generation
-        held, self._unconfirmed = self._unconfirmed, set()
-        for stream in held:  # on the new connection they wait for their bindings
-            if not stream.finished and not self._wait(stream):
-                self._ready(stream)
-        for stream in self.streams:
-            stale = stream.joined and not stream.finished and stream.generation < generation
-            if stale and not self._wait(stream):
-                self._ready(stream)
+    def _push(self, subscriber: Subscriber, frame: bytes) -> None:
+        if not subscriber.outbox.push(frame):
+            self.counts.too_slow += 1
 
     # -- the timer's work ------------------------------------------------------------
 
     async def ping_streams(self) -> None:
-        """Ping every stream, a batch per event-loop turn: with thousands of streams the
-        loop keeps answering other requests (health probes, new streams) meanwhile."""
-        frame = sse.ping()
-        streams = list(self.streams)
-        for start in range(0, len(streams), PING_BATCH):
-            for stream in streams[start : start + PING_BATCH]:
-                self._push(stream, frame)  # a stream that ended meanwhile ignores it
+        """Ping every subscriber whose transport pings, a batch per event-loop turn: with
+        thousands the loop keeps answering other requests (health probes, new streams)."""
+        subscribers = list(self.subscribers)
+        frames: dict[Transport, bytes | None] = {}
+        for start in range(0, len(subscribers), PING_BATCH):
+            for subscriber in subscribers[start : start + PING_BATCH]:
+                transport = subscriber.transport
+                if transport not in frames:
+                    frames[transport] = transport.ping()
+                frame = frames[transport]
+                if frame is not None:
+                    self._push(subscriber, frame)  # one that ended meanwhile ignores it
             await asyncio.sleep(0)
 
-    def dropped(self) -> None:
-        """The broker dropped a message from an exchange queue (the process fell behind)."""
-        self.counts.dropped += 1
-
     def tell_of_drops(self) -> None:
-        """After drops, once per tick: a log line, and ``ready`` again to every stream
+        """After drops, once per tick: a log line, and ``ready`` again to every subscriber
         that gets messages, which means "you may have missed messages: re-check", as
-        after a reconnect (which streams the dropped ones were for is not known)."""
+        after a reconnect (which subscribers the dropped ones were for is not known)."""
         too_large = self.counts.too_large - self._too_large_told
         if too_large:
             self._too_large_told = self.counts.too_large
@@ -281,7 +336,7 @@ class Hub:
         if not new:
             return
         self._dropped_told = self.counts.dropped
-        joined = [stream for stream in self.streams if stream.joined and not stream.finished]
+        joined = [s for s in self.subscribers if s.joined and not s.ended]
         log.warning(
             "the broker dropped %d messages from this process's queue (pulse.queue_max_length "
             "%d: the process fell behind); %d streams told to re-check with ready",
@@ -289,28 +344,30 @@ class Hub:
             self.queue_max_length,
             len(joined),
         )
-        for stream in joined:
-            self._push(stream, sse.READY)
+        for subscriber in joined:
+            self._push(subscriber, subscriber.transport.ready(subscriber))
 
     def _over_budget(self) -> None:
-        """The streams together hold more than ``server.max_buffered_bytes``: end the
-        ones holding the most (the slowest readers) until they hold 90% of it, on the
-        next loop turn (this is called from inside a push)."""
+        """The outboxes together hold more than ``server.max_buffered_bytes``: end the
+        subscribers holding the most (the slowest readers) until they hold 90% of it,
+        on the next loop turn (this is called from inside a push)."""
         asyncio.get_running_loop().call_soon(self._shed)
 
     def _shed(self) -> None:
         budget = self.budget
         target = budget.limit * 9 // 10
         ended = 0
-        for stream in sorted(self.streams, key=lambda s: s.held_bytes, reverse=True):
-            if budget.total <= target or not stream.held_bytes:
+        by_size = sorted(self.subscribers, key=lambda s: s.outbox.held_bytes, reverse=True)
+        for subscriber in by_size:
+            outbox = subscriber.outbox
+            if budget.total <= target or not outbox.held_bytes:
                 break
-            if not stream.finished:
-                stream.end_too_slow()
+            if not subscriber.ended:
+                self._end(subscriber, EndReason.TOO_SLOW)
                 self.counts.too_slow += 1
                 ended += 1
-            if stream.in_flight:  # its client does not take what is being written
-                stream.abort(EndReason.TOO_SLOW)
+            if outbox.in_flight:  # its client does not take what is being written
+                outbox.abort(EndReason.TOO_SLOW)
         budget.over_called = False
         log.warning(
             "streams held %d bytes, over server.max_buffered_bytes (%d): ended the %d slowest",
@@ -320,77 +377,31 @@ class Hub:
         )
 
     def drop_stuck_streams(self) -> None:
-        """End streams whose client took nothing for ``write_timeout``: gone or stuck."""
+        """End subscribers whose client took nothing for ``write_timeout``: gone or stuck."""
         stuck_before = time.monotonic() - self.settings.write_timeout
-        for stream in list(self.streams):
-            if stream.frames and stream.pending_since < stuck_before:
+        for subscriber in list(self.subscribers):
+            outbox = subscriber.outbox
+            if outbox.frames and outbox.pending_since < stuck_before:
                 self.counts.stuck += 1
-                stream.abort(EndReason.STUCK)
-                self.close(stream)
+                outbox.abort(EndReason.STUCK)
+                self.leave(subscriber)
 
     def begin_shutdown(self) -> None:
-        """End every stream with a frame that makes an EventSource reconnect, spread out."""
+        """End every subscriber the way its transport says goodbye (SSE: a frame that
+        makes an EventSource reconnect, spread out)."""
         self.shutting_down = True
-        for stream in list(self.streams):
-            stream.finish(self.goodbye(), EndReason.SHUTDOWN)
-
-    def goodbye(self) -> bytes:
-        return sse.goodbye(random.randint(self.settings.retry_min_ms, self.settings.retry_max_ms))
-
-    # -- messages --------------------------------------------------------------
-
-    def deliver(
-        self,
-        exchange: str,
-        routing_key: str,
-        redelivered: bool,
-        body: bytes,
-        headers: dict[str, Any] | None,
-        via: str | None = None,
-    ) -> None:
-        """Fan one delivery out to every stream whose bindings match its routing key or a
-        ``CC`` key (RabbitMQ routes by both); frame it once. ``via`` is the exchange whose
-        queue it came on (``exchange`` is the one it was published to: they differ when
-        it came through an exchange-to-exchange binding); the streams of ``via`` get it."""
-        counts = self.counts
-        counts.deliveries += 1
-        trie = self._tries.get(via or exchange)
-        if trie is None:
-            return
-        streams = trie.match(routing_key)
-        cc = sse.cc_keys(headers)
-        for key in cc:
-            streams |= trie.match(key)
-        if not streams:
-            return
-        if len(body) > self.max_message_bytes:
-            # Checking a body is strict JSON builds its whole tree: a 32 MiB one once took
-            # a GiB and stalled every stream for most of a second. Not delivered, counted,
-            # and its streams are told that they missed something.
-            counts.too_large += 1
-            for stream in streams:
-                self._push(stream, sse.READY)
-            return
-        frame, is_json = sse.message(body, exchange, routing_key, redelivered, cc)
-        if not is_json:
-            counts.non_json += 1
-        counts.frames_delivered += len(streams)
-        for stream in streams:
-            stream.delivered += 1
-            self._push(stream, frame)
-
-    def _push(self, stream: Stream, frame: bytes) -> None:
-        if not stream.push(frame):
-            self.counts.too_slow += 1
+        for subscriber in list(self.subscribers):
+            self._end(subscriber, EndReason.SHUTDOWN)
 
     # -- introspection (tests, stats) ------------------------------------------------
 
     def stats(self) -> dict[str, int]:
+        outboxes = {subscriber.outbox for subscriber in self.subscribers}
         return {
-            "streams": len(self.streams),
+            "streams": len(self.subscribers),
             "bindings": len(self.shared),
             "pending_broker_operations": self.shared.pending,
-            "buffered_bytes": sum(stream.buffered_bytes for stream in self.streams),
+            "buffered_bytes": sum(outbox.buffered_bytes for outbox in outboxes),
             "held_bytes": self.budget.total,
             "trie_entries": sum(len(trie) for trie in self._tries.values()),
             **self.counts.as_dict(),

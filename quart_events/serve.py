@@ -115,7 +115,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
 
     async def shutdown_trigger() -> None:
         await stop.wait()
-        log.info("shutting down: ending %d streams", len(service.hub.streams))
+        log.info("shutting down: ending %d streams", len(service.hub.subscribers))
         service.hub.begin_shutdown()
 
     servers = [

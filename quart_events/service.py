@@ -65,7 +65,7 @@ class Service:
         broker = self.broker
         self.metrics.flush(
             self.hub.counts,
-            len(self.hub.streams),
+            len(self.hub.subscribers),
             len(self.shared),
             broker.is_connected,
             broker.reconnects,

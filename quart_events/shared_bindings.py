@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 from typing import Protocol
 
 from .bindings import Binding
@@ -55,6 +55,13 @@ class Binder(Protocol):
         """Unbind on connection ``generation`` if it is still the current one; never raises."""
 
 
+class SettledListener(Protocol):
+    """Who is told when the broker answered for a binding (the hub)."""
+
+    def settled(self, share: SharedBinding) -> None:
+        """``share`` is bound on this connection, or refused (``share.failure``)."""
+
+
 class SharedBinding:
     """One binding's life on the broker."""
 
@@ -76,7 +83,7 @@ class SharedBindings:
         self.binder = binder
         self.words = 0  # pattern words of every binding held: what matching costs
         self.inner_hash_words = 0  # of which in patterns with a `#` inside (topic.py)
-        self.on_settled: Callable[[SharedBinding], None] = lambda _: None
+        self._listener: SettledListener | None = None
         self._shares: dict[Binding, SharedBinding] = {}
         # Changed since last reconciled, each in the lane of whoever asked first; the
         # worker takes one from each lane in turn, so a stream that asks for one binding
@@ -89,6 +96,30 @@ class SharedBindings:
 
     def __len__(self) -> int:
         return len(self._shares)
+
+    def attach(self, listener: SettledListener) -> None:
+        """Who is told of the broker's answers; before ``start``."""
+        self._listener = listener
+
+    # What the broker connection says, for those who hold bindings here.
+
+    @property
+    def generation(self) -> int:
+        """The current broker connection (counted): a binding's ``in_effect`` is on it."""
+        return self.binder.generation
+
+    @property
+    def is_connected(self) -> bool:
+        return self.binder.is_connected
+
+    @property
+    def link_confirmed(self) -> bool:
+        """Connected, and the broker answered lately (a link can die in silence)."""
+        return self.binder.link_confirmed
+
+    def confirm_link(self) -> None:
+        """Ask the broker for a sign of life (its answer: the broker listener's ``confirmed``)."""
+        self.binder.confirm_link()
 
     @property
     def pending(self) -> int:
@@ -182,6 +213,8 @@ class SharedBindings:
     # -- the worker ---------------------------------------------------------------
 
     def start(self) -> None:
+        if self._listener is None:
+            raise RuntimeError("SharedBindings.start: no listener attached (attach the hub)")
         self._worker = asyncio.ensure_future(self._work())
 
     async def stop(self) -> None:
@@ -227,7 +260,8 @@ class SharedBindings:
                     share.failure = error
                 else:
                     share.generation = generation
-            self.on_settled(share)
+            assert self._listener is not None  # start() checked
+            self._listener.settled(share)
             return
         if self.in_effect(share):
             share.generation = 0  # not in effect while it is being unbound

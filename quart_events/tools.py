@@ -21,8 +21,8 @@ from .bindings import BindingError
 from .client import Listener, ServerError, bindings_document
 from .client import publish as publish_message
 from .errors import BrokerUnavailable, ExchangeMissing
+from .message import json_body
 from .options import EXIT_FAILURE, config_option, profile_option, run_loop, settings_of
-from .sse import json_body
 
 EXIT_TIMEOUT = 3
 

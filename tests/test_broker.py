@@ -28,7 +28,36 @@ from tcp_proxy import TcpProxy
 
 from quart_events.broker import Broker
 from quart_events.errors import BrokerUnavailable
+from quart_events.message import Message
 from quart_events.settings import load_settings
+
+
+class Heard:
+    """A broker listener for tests of the broker alone: what it heard, in order."""
+
+    def __init__(self, broker: Broker | None = None) -> None:
+        self.broker = broker
+        self.connected: list[int] = []  # the generation of each connection heard of
+        self.messages: list[Message] = []
+
+    def deliver(self, message: Message) -> None:
+        self.messages.append(message)
+
+    def reconnected(self) -> None:
+        self.connected.append(self.broker.generation if self.broker else 0)
+
+    def dropped(self) -> None:
+        pass
+
+    def confirmed(self) -> None:
+        pass
+
+
+def listening(broker: Broker) -> Heard:
+    heard = Heard(broker)
+    broker.attach(heard)
+    return heard
+
 
 pytestmark = pytest.mark.broker
 
@@ -236,7 +265,7 @@ async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
         aiormq.exceptions.ChannelInvalidStateError("channel closed"),
         ValueError("from the AMQP library"),
     ]
-    connected: list[int] = []
+    heard = listening(broker)
 
     async def attempt() -> None:
         if failures:
@@ -245,10 +274,9 @@ async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
         broker._connected.set()
 
     broker._connect = attempt  # type: ignore[method-assign]
-    broker.on_connected = lambda: connected.append(broker.generation)
     await broker.start(connect_in_background=True)
     try:
-        await wait_until(lambda: connected == [1], timeout=5)
+        await wait_until(lambda: heard.connected == [1], timeout=5)
         assert len([r for r in caplog.records if "retrying in" in r.getMessage()]) == 3
     finally:
         await broker.close()
@@ -300,6 +328,12 @@ def test_pulse_amqps_defaults_to_the_amqps_port(monkeypatch: pytest.MonkeyPatch)
     assert load_settings("test").pulse.amqp_port == 5672
 
 
+async def test_a_broker_without_a_listener_refuses_to_start() -> None:
+    """A forgotten wire fails at once, before any connection, not silently."""
+    with pytest.raises(RuntimeError, match="no listener"):
+        await Broker(load_settings("test").pulse).start()
+
+
 def test_instances_start_on_nodes_picked_at_random_and_move_on_after_a_failure() -> None:
     settings = load_settings("test", overrides={"pulse": {"hostname": "a:1,b:2,c"}})
     assert settings.pulse.nodes == [("a", 1), ("b", 2), ("c", 5672)]
@@ -316,6 +350,7 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
         "test", overrides={"pulse": {"hostname": f"127.0.0.1:{closed},127.0.0.1:5672"}}
     )
     broker = Broker(settings.pulse)
+    listening(broker)
     broker._next_node = 0  # the closed node first, whatever the random start
     await broker.start()
     try:
@@ -325,8 +360,10 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
     nowhere = load_settings(
         "test", overrides={"pulse": {"hostname": f"127.0.0.1:{closed},127.0.0.1:{free_port()}"}}
     )
+    unreachable = Broker(nowhere.pulse)
+    listening(unreachable)
     with pytest.raises(BrokerUnavailable, match="connection refused"):
-        await Broker(nowhere.pulse).start()
+        await unreachable.start()
     with EventsServer.running({"PULSE_HOSTNAME": f"127.0.0.1:{closed},127.0.0.1:5672"}) as server:
         assert server.stats()["broker_connected"]
 

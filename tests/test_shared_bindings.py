@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from binder import MISSING_EXCHANGE, RecordingBinder, settle
 
 from quart_events.bindings import Binding
@@ -12,13 +13,26 @@ B = Binding("exchange/a", "*.y")
 MISSING = Binding(MISSING_EXCHANGE, "#")
 
 
+class Settled(list[SharedBinding]):
+    """The listener: records each binding the broker answered for."""
+
+    def settled(self, share: SharedBinding) -> None:
+        self.append(share)
+
+
 def make() -> tuple[SharedBindings, RecordingBinder, list[SharedBinding]]:
     binder = RecordingBinder()
     shared = SharedBindings(binder)
-    settled: list[SharedBinding] = []
-    shared.on_settled = settled.append
+    settled = Settled()
+    shared.attach(settled)
     shared.start()
     return shared, binder, settled
+
+
+def test_it_refuses_to_start_without_a_listener() -> None:
+    """A forgotten wire fails at once, not silently."""
+    with pytest.raises(RuntimeError, match="no listener"):
+        SharedBindings(RecordingBinder()).start()
 
 
 async def test_a_binding_is_bound_once_and_unbound_after_its_last_user() -> None:

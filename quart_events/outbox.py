@@ -1,33 +1,26 @@
-"""One client's stream: its bindings and the bounded buffer of frames not yet written.
+"""A connection's outgoing buffer: the frames not yet written, bounded.
 
-The hub puts frames in; whoever writes the response takes them out. The buffer
-is bounded in frames and bytes so a slow client cannot grow the server: past
-the bound the stream ends with an ``error`` that says why. The byte bound leaves
-out the largest frame waiting, so one message larger than the whole buffer
-reaches a client that keeps up (a large message is not the client's slowness):
-a stream holds at most ``max_bytes`` plus one frame. The chunk being written counts
-until its write returns (it is still held), so the bound is exact, not twice it.
+The hub puts frames in; the transport that writes the connection takes them out.
+The buffer is bounded in frames and bytes so a slow client cannot grow the server:
+past the bound the outbox ends, with the transport's last frame for it (SSE: an
+``error`` that says why). The byte bound leaves out the largest frame waiting, so
+one message larger than the whole buffer reaches a client that keeps up (a large
+message is not the client's slowness): an outbox holds at most ``max_bytes`` plus
+one frame. The chunk being written counts until its write returns (it is still
+held), so the bound is exact, not twice it.
 
-Every stream's bytes also count against the process's ``Budget``
-(``server.max_buffered_bytes``); past it, the hub ends the streams holding the most.
+Every outbox's bytes also count against the process's ``Budget``
+(``server.max_buffered_bytes``); past it, the hub ends the subscribers holding the most.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import sys
 import time
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
-from . import sse
-from .bindings import Binding
-from .errors import TOO_SLOW
 from .metrics import EndReason
-
-if TYPE_CHECKING:
-    from .shared_bindings import SharedBinding
 
 
 def no_op() -> None:
@@ -35,7 +28,7 @@ def no_op() -> None:
 
 
 class Budget:
-    """The bytes all streams of a process hold, against one bound; ``on_over`` is
+    """The bytes all outboxes of a process hold, against one bound; ``on_over`` is
     called (once, until ``shed`` is done) when they go past it."""
 
     __slots__ = ("freed", "limit", "on_over", "over_called", "total")
@@ -87,71 +80,58 @@ def _malloc_trim() -> bool:
 UNBOUNDED = Budget()
 
 
-class Stream:
-    """Bindings, buffered frames, and where the stream stands with the broker.
+class Outbox:
+    """Frames waiting for one connection, and whether it is finished.
 
-    Whoever writes it to the client sets ``on_frames`` (called when frames are
-    waiting or the stream finished) and ``on_abort`` (called when the client takes
-    nothing any more). Slotted and lean: a server holds thousands.
+    The transport that writes it sets ``on_frames`` (called when frames are waiting
+    or the outbox finished) and ``on_abort`` (called when the client takes nothing
+    any more). ``overflow_frame`` is the last frame when the bound is passed (none:
+    the transport says it its own way). Slotted and lean: a server holds thousands.
     """
 
     __slots__ = (
-        "bindings",
         "budget",
         "buffered_bytes",
-        "deadline",
-        "delivered",
         "end_reason",
         "finished",
         "frames",
-        "generation",
         "in_flight",
         "in_flight_largest",
-        "joined",
         "largest",
         "max_bytes",
         "max_frames",
         "on_abort",
         "on_frames",
-        "opened_at",
+        "overflow_frame",
         "pending_since",
-        "shares",
-        "waiting_for",
     )
 
     def __init__(
         self,
-        bindings: Iterable[Binding],
         max_frames: int,
         max_bytes: int,
         on_frames: Callable[[], None] = no_op,
         on_abort: Callable[[], None] = no_op,
         budget: Budget = UNBOUNDED,
+        overflow_frame: bytes | None = None,
     ) -> None:
-        self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
         self.budget = budget
         self.max_frames = max_frames
         self.max_bytes = max_bytes
         self.on_frames = on_frames
         self.on_abort = on_abort
+        self.overflow_frame = overflow_frame
         self.frames: list[bytes] = []
         self.buffered_bytes = 0
         self.largest = 0  # the largest frame waiting: not counted against max_bytes
         self.in_flight = 0  # bytes of the chunk being written (``sending`` .. ``sent``)
         self.in_flight_largest = 0  # the largest frame in that chunk
         self.finished = False
-        self.joined = False  # in the topic tries: gets messages
-        self.generation = 0  # the broker connection its last `ready` was for
         self.pending_since = 0.0  # when the oldest unwritten frame was queued
-        self.shares: list[SharedBinding] = []  # its share of the broker's bindings
-        self.waiting_for = 0  # shares not yet in effect on the current connection
-        self.deadline: asyncio.TimerHandle | None = None  # while a new stream waits for the broker
-        self.opened_at = time.monotonic()
-        self.delivered = 0  # message frames queued for it
         self.end_reason: EndReason | None = None  # why the server ended it (None: the client left)
 
     def push(self, frame: bytes) -> bool:
-        """Queue a frame; ``False`` when this frame overflowed the buffer and ended the stream."""
+        """Queue a frame; ``False`` when this frame overflowed the bound and ended the outbox."""
         if self.finished:
             return True
         frames, size = self.frames, len(frame)
@@ -179,11 +159,11 @@ class Stream:
 
     def end_too_slow(self) -> None:
         """Drop what the client did not read: memory stays bounded, the client is told why."""
-        self._drop()
-        self.finish(sse.error(TOO_SLOW), EndReason.TOO_SLOW)
+        self.clear()
+        self.finish(self.overflow_frame, EndReason.TOO_SLOW)
 
     def finish(self, last_frame: bytes | None = None, reason: EndReason | None = None) -> None:
-        """End the stream after what is buffered, and ``last_frame``, for ``reason``."""
+        """End after what is buffered, and ``last_frame``, for ``reason``."""
         if self.finished:
             return
         self.end_reason = reason
@@ -198,7 +178,7 @@ class Stream:
 
     def abort(self, reason: EndReason) -> None:
         """Stop writing to a client that does not take what is written (gone or stuck)."""
-        self._drop()
+        self.clear()
         if not self.finished:
             self.end_reason = reason
         self.finished = True
@@ -209,7 +189,7 @@ class Stream:
         frames = self.frames
         chunk = frames[0] if len(frames) == 1 else b"".join(frames)
         self.in_flight_largest = self.largest
-        self._drop()
+        self.clear()
         return chunk
 
     def sending(self, chunk: bytes) -> None:
@@ -223,14 +203,16 @@ class Stream:
 
     @property
     def held_bytes(self) -> int:
-        """What the stream holds: frames waiting and the chunk being written."""
+        """What it holds: frames waiting and the chunk being written."""
         return self.buffered_bytes + self.in_flight
 
-    def discard_frames(self) -> None:
-        """Nothing more will be written (the stream is closed): let its frames go."""
-        self._drop()
+    def close(self) -> None:
+        """Nothing more will be written (the connection is gone): let the frames go."""
+        self.finished = True
+        self.clear()
 
-    def _drop(self) -> None:
+    def clear(self) -> None:
+        """Let the frames waiting go (written, dropped, or nothing more will be)."""
         self.frames.clear()
         self.budget.remove(self.buffered_bytes)
         self.buffered_bytes = self.largest = 0

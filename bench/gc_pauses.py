@@ -57,7 +57,7 @@ async def measure(streams: int, seconds: float, tuned: bool, port: int, young: i
         service_module.tune_garbage_collector = lambda: None
     elif young is not None:
         service_module.GC_THRESHOLDS = (young, *service_module.GC_THRESHOLDS[1:])
-    app = create_app(load_settings("test"))
+    app = create_app(load_settings("test"), lifecycle=False)
     server = asyncio.ensure_future(serve_app(app))
     connection = await aiormq.connect("amqp://guest:guest@127.0.0.1/")
     channel = await connection.channel(publisher_confirms=False)

@@ -43,8 +43,15 @@ def service_of(app: Quart) -> Service:
     return service
 
 
-def create_app(settings: Settings, reload: Callable[[], Settings] | None = None) -> Quart:
-    """The service; ``reload`` reads the settings again (credentials on each reconnect)."""
+def create_app(
+    settings: Settings, reload: Callable[[], Settings] | None = None, *, lifecycle: bool = True
+) -> Quart:
+    """The service; ``reload`` reads the settings again (credentials on each reconnect).
+
+    With ``lifecycle`` the app's serving hooks start and stop the service (an ASGI
+    server's lifespan, Quart's test app); ``serve_app`` starts and stops it itself,
+    before its sockets and after its last connection, so it takes ``lifecycle=False``.
+    """
     metrics = Metrics()
     counts = Counts()
     broker = Broker(settings.pulse, (lambda: reload().pulse) if reload else None)
@@ -60,8 +67,9 @@ def create_app(settings: Settings, reload: Callable[[], Settings] | None = None)
     app = Quart(__name__, static_folder=str(STATIC))
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # revalidated: a new version shows at once
     app.extensions["tc_events"] = service
-    app.before_serving(service.start)
-    app.after_serving(service.stop)
+    if lifecycle:
+        app.before_serving(service.start)
+        app.after_serving(service.stop)
     _add_plain_routes(app, service)
     # Requests reach the connect endpoint first; everything else goes on to Quart.
     endpoint = ConnectEndpoint(app.asgi_app, subscribers, settings.server, counts)

@@ -119,7 +119,9 @@ def server(
         if worker_index is None:
             _log_settings(settings)
         settings, open_files = fit_to_open_files(settings)
-        app = create_app(settings, reload=lambda: load_settings(profile, config_file, flags))
+        app = create_app(
+            settings, reload=lambda: load_settings(profile, config_file, flags), lifecycle=False
+        )
         run_loop(serve_app(app, reuse_port=worker_index is not None, open_files=open_files))
     except (BrokerUnavailable, StartupError) as error:
         if debug:

@@ -61,7 +61,9 @@ def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None = None) -> None:
-    """Serve until SIGTERM, SIGINT or SIGHUP, then end every stream and stop.
+    """Serve until SIGTERM, SIGINT or SIGHUP, then end every stream and stop. The app is
+    made with ``create_app(..., lifecycle=False)``: the service's one start and one
+    stop are here.
 
     The broker is connected and the socket bound before hypercorn starts, so an
     unreachable broker or a taken port surfaces here (``BrokerUnavailable``,
@@ -134,3 +136,4 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
             beating.cancel()
         for listener in listeners:
             listener.close()
+        await service.stop()

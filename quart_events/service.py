@@ -37,9 +37,9 @@ class Service:
     descriptors: DescriptorWatch | None = None  # set when serving: the open files limit
 
     async def start(self) -> None:
-        """Connect to the broker and start the timers; raise ``BrokerUnavailable``. Idempotent."""
+        """Connect to the broker and start the timers; raise ``BrokerUnavailable``."""
         if self.timers:
-            return
+            raise RuntimeError("the service is started once (create_app(lifecycle=False) to serve)")
         tune_garbage_collector()
         self.shared.start()
         try:

@@ -401,6 +401,8 @@ class Hub:
             "streams": len(self.subscribers),
             "bindings": len(self.shared),
             "pending_broker_operations": self.shared.pending,
+            "binds_sent": self.shared.binds_sent,
+            "unbinds_sent": self.shared.unbinds_sent,
             "buffered_bytes": sum(outbox.buffered_bytes for outbox in outboxes),
             "held_bytes": self.budget.total,
             "trie_entries": sum(len(trie) for trie in self._tries.values()),

@@ -84,6 +84,7 @@ class SharedBindings:
         self.words = 0  # pattern words of every binding held: what matching costs
         self.inner_hash_words = 0  # of which in patterns with a `#` inside (topic.py)
         self._listener: SettledListener | None = None
+        self.binds_sent = self.unbinds_sent = 0  # to the broker, since the start
         self._shares: dict[Binding, SharedBinding] = {}
         # Changed since last reconciled, each in the lane of whoever asked first; the
         # worker takes one from each lane in turn, so a stream that asks for one binding
@@ -250,6 +251,7 @@ class SharedBindings:
         if share.refs:
             if share.failure is None and not self.in_effect(share):
                 try:
+                    self.binds_sent += 1
                     await binder.bind(binding, generation)
                 except NotConnected:
                     self._mark(binding)  # on the next connection, or again on this one
@@ -265,6 +267,7 @@ class SharedBindings:
             return
         if self.in_effect(share):
             share.generation = 0  # not in effect while it is being unbound
+            self.unbinds_sent += 1
             await binder.unbind(binding, generation)
         if share.refs:  # wanted again meanwhile: bind it again, in order
             self._mark(binding)

@@ -1,5 +1,7 @@
-"""A RabbitMQ cluster of two nodes that the test starts itself: instances spread over
-the nodes, and an instance whose node stops moves to the other one.
+"""A RabbitMQ cluster of two nodes that the test starts itself: an instance on each node
+serves its streams (messages published on either node reach both), and an instance
+whose node stops moves to the other one. That instances given one node list start on
+nodes picked at random is tested in test_broker.py (60 starts reach every node).
 
 The nodes have their own names, ports, data and log directories and plugin list;
 the machine's own broker (rabbit@localhost on 5672) is never touched, and the
@@ -136,6 +138,7 @@ async def test_instances_on_two_nodes_and_failover_to_the_other_node() -> None:
         with EventsServer.running(env) as moving:
             first = node_of(moving)
             other_node = f"localhost:{b.port}" if first == "127.0.0.1" else f"127.0.0.1:{a.port}"
+            # The second instance is pinned to the other node: one instance per node.
             with EventsServer.running({"PULSE_HOSTNAME": other_node}) as staying:
                 assert {node_of(moving), node_of(staying)} == {"127.0.0.1", "localhost"}
                 binding = [{"exchange": exchange, "routingKeyPattern": "#"}]

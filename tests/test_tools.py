@@ -27,6 +27,8 @@ from helpers import (
 )
 from tcp_proxy import TcpProxy
 
+from quart_events.client import Listener
+
 pytestmark = pytest.mark.broker
 
 
@@ -135,11 +137,21 @@ async def test_listen_comes_back_after_the_servers_reconnect_frame(exchange_name
         "--url", first.base, "-e", exchange_name, "-p", "#", "--count", "1"
     )
     second = None
+    # The client module under listen, in process, to see why it came back: after the
+    # frame it waits the frame's `retry:` (0.3-0.4 s), after any other end its own 1 s.
+    statuses: list[str] = []
+    bindings = json.dumps({"bindings": [{"exchange": exchange_name, "routingKeyPattern": "#"}]})
+    follower = Listener(first.base, bindings, lambda _: None, statuses.append, count=1)
+    following = asyncio.ensure_future(follower.run())
     try:
         async with SSEReader(first.url([])) as reader:
             await reader.wait_for("ready")
+        await wait_until(lambda: "connected" in statuses)
         await asyncio.sleep(1.5)
         assert await asyncio.to_thread(first.stop) == 0  # every stream gets the reconnect frame
+        await wait_until(lambda: any(s.startswith("reconnecting in") for s in statuses))
+        waits = [s for s in statuses if s.startswith("reconnecting in")]
+        assert waits[0] in {"reconnecting in 0.3 s", "reconnecting in 0.4 s"}, statuses
         second = EventsServer.start(port=port)
         for _ in range(100):
             if second.broker_bindings():
@@ -153,7 +165,10 @@ async def test_listen_comes_back_after_the_servers_reconnect_frame(exchange_name
         stdout, stderr = await asyncio.wait_for(listening.communicate(), 30)
         assert listening.returncode == 0, stderr
         assert json.loads(stdout)["payload"] == "after restart"
+        await asyncio.wait_for(following, 30)
+        assert follower.received == 1
     finally:
+        following.cancel()
         if listening.returncode is None:
             listening.kill()
         first.stop()

@@ -23,6 +23,7 @@ from helpers import (
     wait_until,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from tcp_proxy import TcpProxy
 
 from quart_events.metrics import ENDED, OPENED
 
@@ -150,3 +151,36 @@ async def test_metrics_count_a_known_scenario_over_two_workers(
     connected = [v for (name, _), v in samples.items() if name == "tc_events_broker_connected"]
     assert connected == [1.0, 1.0]  # one per worker
     assert samples[("tc_events_ready_seconds_count", ())] == outcomes["ready"]
+
+
+async def test_reconnects_bodies_that_are_not_json_and_ping_lateness_are_counted(
+    exchange: aio_pika.abc.AbstractExchange,
+) -> None:
+    """The metrics the scenario above does not reach: a cut of the broker connection
+    (through a proxy) is one reconnect, a body that is not JSON is counted, and every
+    tick of the ping timer is observed (its lateness histogram counts the ticks)."""
+    with TcpProxy.running() as proxy:
+        with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
+            binding = [{"exchange": exchange.name, "routingKeyPattern": "#"}]
+            async with SSEReader(server.url(binding)) as reader:
+                await reader.wait_for("ready")
+                await publish(exchange, "k", b"not json {")
+                await publish(exchange, "k", b'{"json": true}')
+                await reader.wait_for("message", 2)
+                await expect(
+                    server,
+                    {
+                        ("tc_events_broker_messages_not_json_total", ()): 1,
+                        ("tc_events_broker_messages_received_total", ()): 2,
+                        ("tc_events_broker_reconnects_total", ()): 0,
+                    },
+                )
+                proxy.cut()
+                proxy.restore()
+                await reader.wait_for("ready", 2, timeout=30)
+                await expect(server, {("tc_events_broker_reconnects_total", ()): 1})
+                await reader.wait_for("ping", 2, timeout=10)
+                pings = len(reader.named("ping"))
+                ticks = scrape(server)[("tc_events_ping_lateness_seconds_count", ())]
+                # Each tick pings the stream: at least as many ticks as pings it got.
+                assert pings >= 1 and ticks >= pings

@@ -139,8 +139,10 @@ async def test_a_message_arrives_at_once_with_nginx_buffering_at_its_default(
                 await publish(exchange, "k", json.dumps({"n": n}).encode())
                 await reader.wait_for("message", n + 1, timeout=5)
                 delays.append(time.monotonic() - sent)
-    # A buffered stream would hold a small message until its buffer filled (seconds).
-    assert sorted(delays)[2] < 0.1, f"delays through nginx: {delays}"
+            # A buffered stream holds small messages until nginx's buffer fills (8 KiB:
+            # never, for these five) or the response ends: each came on the open stream.
+            assert not reader.ended.is_set()
+    print(f"delays through nginx: {delays}")  # figures belong in bench/: shown only
 
 
 async def test_a_stream_outlives_nginx_read_timeout_because_pings_come_more_often(

@@ -8,6 +8,7 @@ reconnect frame, a killed worker comes back, and a killed parent leaves no worke
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -297,3 +298,57 @@ async def test_a_killed_parent_takes_even_a_hung_worker_with_it() -> None:
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait(10)
         await wait_until(lambda: not hung.is_running() and not other.is_running(), 10, 0.2)
+
+
+async def test_a_worker_that_keeps_dying_is_restarted_after_a_doubling_backoff() -> None:
+    """A worker that had run a while comes back after 0.5 s; killed right after each
+    start, after 1 s, then 2 s, then 4 s (README: "0.5 s, doubling up to 8 s"), as its
+    log lines say."""
+    with workers(2, {"TC_EVENTS_SERVER__LOG_FORMAT": "json"}) as server:
+        await wait_until(lambda: len(children(server)) == 2, 20, 0.1)
+        victim, survivor = children(server)
+        await asyncio.sleep(5.5)  # past EARLY_DEATH: its first death is not "at start"
+        for _ in range(4):
+            victim.kill()
+            known = {victim.pid, survivor.pid}
+            await wait_until(lambda k=known: {c.pid for c in children(server)} - k, 20, 0.05)
+            (victim,) = [c for c in children(server) if c.pid not in known]
+        assert survivor.is_running()
+        lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+        delays = [
+            float(line["message"].split("starting it again in ")[1].split(" s")[0])
+            for line in lines
+            if "starting it again in" in line["message"]
+        ]
+        assert delays == [0.5, 1.0, 2.0, 4.0]
+
+
+async def test_the_parent_kills_a_worker_that_outlives_the_grace_and_exits_0() -> None:
+    """SIGTERM to the parent while a worker is stopped (it cannot end its streams): the
+    parent waits ``shutdown_grace`` plus its margin, kills it, says so, exits 0."""
+    server = EventsServer.start({"TC_EVENTS_SERVER__SHUTDOWN_GRACE": "1"}, args=["--workers", "2"])
+    try:
+        await wait_until(lambda: len(children(server)) == 2, 20, 0.1)
+        stuck, other = children(server)
+        stuck.suspend()
+        assert await asyncio.to_thread(server.stop, signal.SIGTERM, 30) == 0
+        assert f"worker pid {stuck.pid} did not stop in time: killing it" in server.output()
+        assert f"worker pid {other.pid} did not stop" not in server.output()
+        assert not stuck.is_running() and not other.is_running()
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+async def test_json_logs_name_the_process_and_the_worker() -> None:
+    """``log_format: json``: every line is one object with time, level, logger, message
+    and pid; a worker's lines also carry its index, the parent's none."""
+    with workers(2, {"TC_EVENTS_SERVER__LOG_FORMAT": "json"}) as server:
+        await wait_until(lambda: server.output().count("listening on") == 2, 20, 0.1)
+        pids = {child.pid: child for child in children(server)}
+    lines = [json.loads(line) for line in server.output().splitlines()]
+    fields = {"time", "level", "logger", "message", "pid"}
+    assert lines and all(fields <= set(line) for line in lines)
+    by_worker = {line["worker"]: line["pid"] for line in lines if "worker" in line}
+    assert set(by_worker) == {1, 2} and set(by_worker.values()) == set(pids)
+    parent = [line for line in lines if "worker" not in line]
+    assert parent and {line["pid"] for line in parent} == {server.process.pid}

@@ -8,7 +8,6 @@ import asyncio
 import json
 import ssl
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiormq
@@ -66,18 +65,8 @@ def binding(exchange: str) -> list[dict[str, str]]:
     return [{"exchange": exchange, "routingKeyPattern": "#"}]
 
 
-@pytest.fixture
-async def durable_exchange() -> AsyncIterator[str]:
-    name = f"exchange/test/faults-{uuid.uuid4().hex[:6]}"
-    await declare_exchange(name)
-    try:
-        yield name
-    finally:
-        await delete_exchange(name)
-
-
-async def test_a_second_loss_during_the_restore_keeps_every_stream(durable_exchange: str) -> None:
-    exchange = durable_exchange
+async def test_a_second_loss_during_the_restore_keeps_every_stream(exchange_name: str) -> None:
+    exchange = exchange_name
     env = {"TC_EVENTS_PULSE__WAIT_FOR_BROKER": "3"}
     with TcpProxy.running() as proxy:
         env["PULSE_PORT"] = str(proxy.port)
@@ -102,10 +91,10 @@ async def test_a_second_loss_during_the_restore_keeps_every_stream(durable_excha
 
 
 @pytest.mark.slow
-async def test_cuts_while_connecting_never_stop_the_reconnects(durable_exchange: str) -> None:
+async def test_cuts_while_connecting_never_stop_the_reconnects(exchange_name: str) -> None:
     with TcpProxy.running() as proxy:
         with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
-            async with SSEReader(server.url(binding(durable_exchange))) as reader:
+            async with SSEReader(server.url(binding(exchange_name))) as reader:
                 await reader.wait_for("ready")
                 for _ in range(3):  # cut while the queue is being declared, again and again
                     proxy.hold_on(f"queue/{server.namespace}/events/".encode())
@@ -115,26 +104,26 @@ async def test_cuts_while_connecting_never_stop_the_reconnects(durable_exchange:
                     proxy.cut()
                     proxy.restore()
                 await reader.wait_for("ready", 2, timeout=20)
-                await publish(durable_exchange, "k", b"1")
+                await publish(exchange_name, "k", b"1")
                 await reader.wait_for("message")
             assert server.stats()["broker_connected"] is True
 
 
 async def test_a_stream_opened_during_an_outage_is_ready_only_once_bound_again(
-    durable_exchange: str,
+    exchange_name: str,
 ) -> None:
     with TcpProxy.running() as proxy:
         with EventsServer.running({"PULSE_PORT": str(proxy.port)}) as server:
-            async with SSEReader(server.url(binding(durable_exchange))) as first:
+            async with SSEReader(server.url(binding(exchange_name))) as first:
                 await first.wait_for("ready")
                 proxy.cut()
                 await wait_until(lambda: not server.stats()["broker_connected"])
-                async with SSEReader(server.url(binding(durable_exchange))) as during:
+                async with SSEReader(server.url(binding(exchange_name))) as during:
                     await during.wait_for("ping", 2)  # open, and pinged ...
                     assert not during.named("ready")  # ... but not ready: nothing is bound
                     proxy.restore()
                     await during.wait_for("ready", timeout=20)
-                    await publish(durable_exchange, "after", b"2")
+                    await publish(exchange_name, "after", b"2")
                     (message,) = await during.wait_for("message")
                     assert json.loads(message.data)["payload"] == 2
 
@@ -283,7 +272,7 @@ async def test_the_supervisor_retries_whatever_a_connect_attempt_raises(
 
 
 async def test_pulse_amqps_connects_with_tls(
-    certificates: tuple[Path, Path, Path], durable_exchange: str
+    certificates: tuple[Path, Path, Path], exchange_name: str
 ) -> None:
     ca, cert, key = certificates
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -295,9 +284,9 @@ async def test_pulse_amqps_connects_with_tls(
             "TC_EVENTS_PULSE__TLS_CA_FILE": str(ca),
         }
         with EventsServer.running(env) as server:
-            async with SSEReader(server.url(binding(durable_exchange))) as reader:
+            async with SSEReader(server.url(binding(exchange_name))) as reader:
                 await reader.wait_for("ready")
-                await publish(durable_exchange, "over.tls", b'{"tls": true}')
+                await publish(exchange_name, "over.tls", b'{"tls": true}')
                 (message,) = await reader.wait_for("message")
             assert json.loads(message.data)["payload"] == {"tls": True}
         assert tls_front.received.startswith(b"AMQP")  # what came out of the TLS tunnel
@@ -369,7 +358,7 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
 
 
 async def test_a_link_that_dies_in_silence_is_found_within_the_heartbeat(
-    durable_exchange: str,
+    exchange_name: str,
 ) -> None:
     """No FIN, no RST (the proxy goes silent): once /__heartbeat__ turned 503 only after
     49 s with a heartbeat of 15, and a stream opened 3 s into the silence got `ready`.
@@ -378,7 +367,7 @@ async def test_a_link_that_dies_in_silence_is_found_within_the_heartbeat(
     with TcpProxy.running() as proxy:
         env = {"PULSE_PORT": str(proxy.port), "TC_EVENTS_PULSE__HEARTBEAT": "10"}
         with EventsServer.running(env) as server:
-            binding = [{"exchange": durable_exchange, "routingKeyPattern": "#"}]
+            binding = [{"exchange": exchange_name, "routingKeyPattern": "#"}]
             async with SSEReader(server.url(binding)) as first:
                 await first.wait_for("ready")
                 proxy.freeze()  # the link dies without a word; new connections pass
@@ -392,7 +381,7 @@ async def test_a_link_that_dies_in_silence_is_found_within_the_heartbeat(
                     assert not newcomer.named("ready")  # not on the link that died
                     await newcomer.wait_for("ready", timeout=20)
                     await first.wait_for("ready", 2, timeout=20)  # in effect again
-                    await publish(durable_exchange, "after.silence", b'"after"')
+                    await publish(exchange_name, "after.silence", b'"after"')
                     await newcomer.wait_for("message")
                     await first.wait_for("message")
             print(f"\nthe silent link was given up {found_after:.1f} s into the silence")

@@ -13,16 +13,22 @@ from collections.abc import Awaitable, Callable
 from importlib import metadata
 from pathlib import Path
 
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from quart import Quart, Response, send_file
 
 from .broker import Broker
 from .connect import ConnectEndpoint
 from .hub import Hub
+from .legacy_websocket import PATHS as LEGACY_PATHS
+from .legacy_websocket import LegacySocket
 from .metrics import CONTENT_TYPE, Counts, Metrics
 from .service import Service
-from .settings import Settings
+from .settings import ServerSettings, Settings
 from .shared_bindings import SharedBindings
 from .subscribers import Subscribers
+from .tc_websocket import PATHS as TC_PATHS
+from .tc_websocket import TaskclusterSocket
+from .websocket import WebSocketConnection, deny
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +78,39 @@ def create_app(
         app.after_serving(service.stop)
     _add_plain_routes(app, service)
     # Requests reach the connect endpoint first; everything else goes on to Quart.
-    endpoint = ConnectEndpoint(app.asgi_app, subscribers, settings.server, counts)
+    sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server)
+    endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts)
     app.asgi_app = endpoint  # type: ignore[method-assign]
     return app
+
+
+class WebSocketRoutes:
+    """WebSocket upgrades: Taskcluster's two protocols by path, 404 on any other path;
+    every other request goes on to ``app``."""
+
+    def __init__(self, app: ASGIFramework, subscribers: Subscribers, settings: ServerSettings):
+        self.app = app
+        self.subscribers = subscribers
+        self.settings = settings
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        parts = (scope, send, self.subscribers, self.settings)
+        connection: WebSocketConnection
+        if path in TC_PATHS:
+            connection = TaskclusterSocket(TC_PATHS[path], *parts)
+        elif path.rstrip("/") in LEGACY_PATHS:
+            connection = LegacySocket(*parts)
+        else:
+            await receive()  # websocket.connect
+            await deny(send, 404, "No WebSocket is served at this path.\n")
+            return
+        await connection.serve(receive)
 
 
 def _json(body: object, status: int = 200) -> Response:

@@ -108,13 +108,24 @@ def parse_bindings(raw: str | None, limits: Limits | None = None) -> list[Bindin
         raise BindingError(
             f"Too many bindings: {len(items)} given, at most {limits.max_bindings} allowed"
         )
+    return checked(
+        [(item["exchange"], item["routingKeyPattern"]) for item in items],
+        limits,
+        "routingKeyPattern",
+    )
+
+
+def checked(
+    pairs: Sequence[tuple[Any, Any]], limits: Limits, pattern_field: str = "routingKeyPattern"
+) -> list[Binding]:
+    """(exchange, pattern) pairs as bindings, each checked as the connect endpoint checks
+    them (the WebSocket protocols too; ``pattern_field`` is the pattern's name on their
+    wire); ``BindingError`` names the first one that fails."""
     result = []
-    for index, item in enumerate(items):
-        exchange = _check_name(index, "exchange", item["exchange"], allow_empty=False)
+    for index, (raw_exchange, raw_pattern) in enumerate(pairs):
+        exchange = _check_name(index, "exchange", raw_exchange, allow_empty=False)
         _check_exchange_name(index, exchange)
-        pattern = _check_name(
-            index, "routingKeyPattern", item["routingKeyPattern"], allow_empty=True
-        )
+        pattern = _check_name(index, pattern_field, raw_pattern, allow_empty=True)
         if not limits.exchange_allowed(exchange):
             raise BindingError(f"bindings[{index}]: exchange `{exchange}` is not allowed")
         result.append(Binding(exchange, pattern))

@@ -26,7 +26,7 @@ from hypercorn.typing import (
 from . import sse
 from .bindings import BindingError, parse_bindings
 from .errors import TOO_SLOW
-from .message import Message
+from .message import Encoder, Message
 from .metrics import Counts, EndReason
 from .outbox import Outbox, no_op
 from .settings import ServerSettings
@@ -59,6 +59,7 @@ class SseTransport:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        self.encoder: Encoder = self
 
     def encode(self, message: Message) -> bytes:
         return sse.message_event(message)
@@ -66,7 +67,7 @@ class SseTransport:
     def ready(self, subscriber: Subscriber) -> bytes:
         return sse.READY
 
-    def address(self, subscriber: Subscriber, frame: bytes) -> bytes:
+    def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes:
         return frame
 
     def ping(self) -> bytes:
@@ -240,7 +241,7 @@ class _Client:
             while outbox.frames:
                 chunk = outbox.take()
                 self.counts.bytes_written += len(chunk)
-                outbox.sending(chunk)  # held, and counted, until the write returns
+                outbox.sending(len(chunk))  # held, and counted, until the write returns
                 try:
                     # What one send hands over to the server is bounded: hypercorn holds
                     # what it is given until the client takes it.

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from .bindings import Binding
 from .errors import BindFailed, ExchangeMissing, client_message
-from .message import Message
+from .message import Encoder, Message
 from .metrics import Counts, EndReason, Metrics, Outcome
 from .outbox import Budget, Outbox
 from .settings import PulseSettings, ServerSettings
@@ -65,6 +65,9 @@ class Hub:
         self.metrics = metrics
         self.counts = counts or Counts()
         self.subscribers: set[Subscriber] = set()
+        # Connections that carry subscribers of their own choosing (WebSocket), by their
+        # outbox: each counts as a stream, and shutdown ends it.
+        self.connections: set[Outbox] = set()
         self.budget = Budget(max_buffered_bytes(settings), self._over_budget)
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Subscriber]] = {}
@@ -77,10 +80,12 @@ class Hub:
 
     # -- a subscriber's life -----------------------------------------------------------
 
-    def open(self, bindings: Iterable[Binding], transport: Transport, outbox: Outbox) -> Subscriber:
+    def open(
+        self, bindings: Iterable[Binding], transport: Transport, outbox: Outbox, label: bytes = b""
+    ) -> Subscriber:
         """Register a subscriber; its ``ready`` (or an error) arrives in its outbox.
         Admission (``Subscribers.admit``) decides first whether it may."""
-        subscriber = Subscriber(bindings, transport, outbox)
+        subscriber = Subscriber(bindings, transport, outbox, label)
         self.subscribers.add(subscriber)
         shared = self.shared
         subscriber.shares = [shared.acquire(binding, subscriber) for binding in subscriber.bindings]
@@ -98,6 +103,10 @@ class Hub:
         loop = asyncio.get_running_loop()
         subscriber.deadline = loop.call_later(self.wait_for_broker, self._give_up, subscriber)
         return subscriber
+
+    def open_count(self) -> int:
+        """What counts against ``server.max_streams``: subscribers and connections."""
+        return len(self.subscribers) + len(self.connections)
 
     def leave(self, subscriber: Subscriber, peer: str | None = None) -> None:
         """Forget a subscriber (its client left, or its end was written); release what it
@@ -173,7 +182,7 @@ class Hub:
                 )
             subscriber.joined = True
         subscriber.generation = self.shared.generation
-        self._push(subscriber, subscriber.transport.ready(subscriber))
+        self._tell_ready(subscriber)
 
     def _fail(
         self, subscriber: Subscriber, error: BaseException, outcome: Outcome | None = None
@@ -281,22 +290,31 @@ class Hub:
             # and its subscribers are told that they missed something.
             counts.too_large += 1
             for subscriber in subscribers:
-                self._push(subscriber, subscriber.transport.ready(subscriber))
+                self._tell_ready(subscriber)
             return
         if not message.is_json:
             counts.non_json += 1
         counts.frames_delivered += len(subscribers)
-        last: Transport | None = None
+        last: Encoder | None = None
         frame = b""
         for subscriber in subscribers:
             transport = subscriber.transport
-            if transport is not last:  # one encoding per transport (most have one)
-                last, frame = transport, message.encoded(transport)
-            subscriber.delivered += 1
+            encoder = transport.encoder
+            if encoder is not last:  # one encoding per transport (most have one)
+                last, frame = encoder, message.encoded(encoder)
             if transport.addressed:
-                self._push(subscriber, transport.address(subscriber, frame))
+                addressed = transport.address(subscriber, frame, message)
+                if addressed is not None:
+                    subscriber.delivered += 1
+                    self._push(subscriber, addressed)
             else:
+                subscriber.delivered += 1
                 self._push(subscriber, frame)
+
+    def _tell_ready(self, subscriber: Subscriber) -> None:
+        frame = subscriber.transport.ready(subscriber)
+        if frame is not None:  # the transport may say it once for several subscribers
+            self._push(subscriber, frame)
 
     def _push(self, subscriber: Subscriber, frame: bytes) -> None:
         if not subscriber.outbox.push(frame):
@@ -345,7 +363,7 @@ class Hub:
             len(joined),
         )
         for subscriber in joined:
-            self._push(subscriber, subscriber.transport.ready(subscriber))
+            self._tell_ready(subscriber)
 
     def _over_budget(self) -> None:
         """The outboxes together hold more than ``server.max_buffered_bytes``: end the
@@ -392,6 +410,8 @@ class Hub:
         self.shutting_down = True
         for subscriber in list(self.subscribers):
             self._end(subscriber, EndReason.SHUTDOWN)
+        for outbox in list(self.connections):
+            outbox.finish(None, EndReason.SHUTDOWN)
 
     # -- introspection (tests, stats) ------------------------------------------------
 
@@ -399,6 +419,7 @@ class Hub:
         outboxes = {subscriber.outbox for subscriber in self.subscribers}
         return {
             "streams": len(self.subscribers),
+            "connections": len(self.connections),
             "bindings": len(self.shared),
             "pending_broker_operations": self.shared.pending,
             "binds_sent": self.shared.binds_sent,

@@ -52,6 +52,8 @@ class EndReason(StrEnum):
     STUCK = "stuck"
     SHUTDOWN = "shutdown"
     ERROR = "error"
+    PROTOCOL_ERROR = "protocol_error"  # a WebSocket client broke its protocol
+    LIFETIME = "lifetime"  # a WebSocket outlived server.websocket_lifetime
 
 
 OPENED = tuple(Outcome)

@@ -192,10 +192,17 @@ class Outbox:
         self.clear()
         return chunk
 
-    def sending(self, chunk: bytes) -> None:
-        """The writer writes ``chunk`` (from ``take``): it is held until ``sent``."""
-        self.in_flight = len(chunk)
-        self.budget.add(self.in_flight)
+    def take_each(self) -> list[bytes]:
+        """Every frame waiting, one by one (a WebSocket sends each as a message)."""
+        frames = self.frames[:]
+        self.in_flight_largest = self.largest
+        self.clear()
+        return frames
+
+    def sending(self, size: int) -> None:
+        """The writer writes ``size`` bytes (from ``take``): they are held until ``sent``."""
+        self.in_flight = size
+        self.budget.add(size)
 
     def sent(self) -> None:
         self.budget.remove(self.in_flight)

@@ -24,6 +24,7 @@ from .descriptors import DescriptorWatch
 from .errors import ListenFailed
 from .liveness import LIVENESS_FD, beat
 from .settings import Settings
+from .websocket import MAX_FRAME
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
     config.ssl_handshake_timeout = TLS_HANDSHAKE_TIMEOUT
     # Room for a long request line (Taskcluster clients' bindings are ~2 KB each) plus headers.
     config.h11_max_incomplete_size = settings.server.max_request_line + 16 * 1024
+    config.websocket_max_message_size = MAX_FRAME
+    config.websocket_ping_interval = settings.server.websocket_ping_interval
     if settings.server.certfile is not None and settings.server.keyfile is not None:
         # TLS, and HTTP/2 by ALPN for clients that ask (a browser holds only six HTTP/1.1
         # connections per origin: a page with several streams needs HTTP/2).

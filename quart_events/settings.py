@@ -91,6 +91,9 @@ class ServerSettings(BaseModel):
     log_client_address: bool
     certfile: Path | None = None
     keyfile: Path | None = None
+    websocket_allowed_origins: list[str]
+    websocket_lifetime: float = Field(gt=0)
+    websocket_ping_interval: float = Field(gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerSettings:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .bindings import Binding
-from .message import Encoder
+from .message import Encoder, Message
 from .metrics import EndReason, Metrics, Outcome
 from .outbox import Outbox, no_op
 from .settings import ServerSettings
@@ -31,18 +31,23 @@ if TYPE_CHECKING:
     from .shared_bindings import SharedBinding
 
 
-class Transport(Encoder, Protocol):
+class Transport(Protocol):
     """What the hub needs of a transport: its frames, and what ending means on its wire."""
 
+    # Encodes a message once for every subscriber of the transport (``Message.encoded``:
+    # one encoder may serve many transport objects, one per connection, say).
+    encoder: Encoder
     # Whether a message's frame differs by subscriber (``address``); if not, every
-    # subscriber of the transport gets the same bytes (``Encoder.encode``, once).
+    # subscriber of the transport gets the encoder's bytes as they are.
     addressed: bool
 
-    def ready(self, subscriber: Subscriber) -> bytes:
-        """The subscriber's bindings are in effect (again)."""
+    def ready(self, subscriber: Subscriber) -> bytes | None:
+        """The subscriber's bindings are in effect (again); ``None``: nothing to say
+        (its connection was told already)."""
 
-    def address(self, subscriber: Subscriber, frame: bytes) -> bytes:
-        """The frame of a message (``encode``'s) for one subscriber."""
+    def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes | None:
+        """The encoder's frame of ``message`` for one subscriber (``None``: not for it,
+        as when its connection got the message through another subscriber already)."""
 
     def ping(self) -> bytes | None:
         """A keepalive frame, or ``None`` when the transport keeps alive its own way."""
@@ -64,6 +69,7 @@ class Subscriber:
         "end_reason",
         "generation",
         "joined",
+        "label",
         "opened_at",
         "outbox",
         "shares",
@@ -71,10 +77,17 @@ class Subscriber:
         "waiting_for",
     )
 
-    def __init__(self, bindings: Iterable[Binding], transport: Transport, outbox: Outbox) -> None:
+    def __init__(
+        self,
+        bindings: Iterable[Binding],
+        transport: Transport,
+        outbox: Outbox,
+        label: bytes = b"",
+    ) -> None:
         self.bindings = tuple(dict.fromkeys(bindings))  # distinct, in the client's order
         self.transport = transport
         self.outbox = outbox
+        self.label = label  # the transport's name for it (a WebSocket subscription's id)
         self.joined = False  # in the topic tries: gets messages
         self.generation = 0  # the broker connection its last `ready` was for
         self.shares: list[SharedBinding] = []  # its share of the broker's bindings
@@ -148,7 +161,11 @@ class Subscribers:
         )
 
     def admit(
-        self, bindings: Iterable[Binding], transport: Transport, outbox: Outbox
+        self,
+        bindings: Iterable[Binding],
+        transport: Transport,
+        outbox: Outbox,
+        label: bytes = b"",
     ) -> Subscriber | Refusal:
         """A subscriber (its ``ready`` or error will reach its outbox), or why not."""
         hub, settings = self.hub, self.settings
@@ -156,7 +173,7 @@ class Subscribers:
         if hub.shutting_down:
             self.opened.labels(Outcome.SHUTTING_DOWN).inc()
             return ShuttingDown(retry_ms(settings))
-        if len(hub.subscribers) >= settings.max_streams:
+        if hub.open_count() >= settings.max_streams:
             self.opened.labels(Outcome.OVER_LIMIT).inc()
             return OverLimit("Too many streams on this server", retry_ms(settings))
         fits, never = hub.binding_room(bindings)
@@ -165,7 +182,25 @@ class Subscribers:
         if not fits:
             self.opened.labels(Outcome.OVER_LIMIT).inc()
             return OverLimit("Too many bindings on this server", retry_ms(settings))
-        return hub.open(bindings, transport, outbox)
+        return hub.open(bindings, transport, outbox, label)
+
+    def connect(self, outbox: Outbox) -> Refusal | None:
+        """A connection that will carry subscribers of its own choosing (a WebSocket):
+        ``None`` when it may open. It counts as a stream, and shutdown ends it even
+        when it carries no subscriber."""
+        hub, settings = self.hub, self.settings
+        if hub.shutting_down:
+            return ShuttingDown(retry_ms(settings))
+        if hub.open_count() >= settings.max_streams:
+            return OverLimit("Too many streams on this server", retry_ms(settings))
+        hub.connections.add(outbox)
+        return None
+
+    def disconnect(self, outbox: Outbox, subscribers: Iterable[Subscriber] = ()) -> None:
+        """The connection is gone, and with it the subscribers it carried."""
+        self.hub.connections.discard(outbox)
+        for subscriber in subscribers:
+            self.hub.leave(subscriber)
 
     def bad_input(self, message: str) -> BadInput:
         """A request the transport found bad (counted like the ones found here)."""

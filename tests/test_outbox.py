@@ -52,7 +52,7 @@ def test_the_chunk_being_written_counts_so_the_bound_is_exact() -> None:
     stream = Outbox(max_frames=1000, max_bytes=1000, overflow_frame=sse.error(TOO_SLOW))
     assert stream.push(b"a" * 900)
     chunk = stream.take()
-    stream.sending(chunk)  # the client is slow: the write does not return
+    stream.sending(len(chunk))  # the client is slow: the write does not return
     assert stream.push(b"b" * 200) and stream.push(b"c" * 800)
     assert stream.held_bytes == 1900  # max_bytes, and the largest frame (in flight)
     assert not stream.push(b"d" * 100) and stream.finished
@@ -67,7 +67,7 @@ def test_a_budget_counts_what_every_stream_holds() -> None:
     streams = [Outbox(100, 10_000, budget=budget) for _ in range(2)]
     assert streams[0].push(b"x" * 1000)
     chunk = streams[0].take()
-    streams[0].sending(chunk)
+    streams[0].sending(len(chunk))
     assert budget.total == 1000 and not over
     assert streams[1].push(b"y" * 600)
     assert over == [1600]  # called once, until the hub has shed

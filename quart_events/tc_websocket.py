@@ -1,0 +1,218 @@
+"""Taskcluster's events WebSocket of 2026: ``/subscription/raw`` and ``/subscription/named``.
+
+What Taskcluster's UI speaks (``ui/src/utils/pulseListener.js``): one JSON text
+frame per message, each with a ``type``. ``connection_init`` first (within 10 s),
+answered ``connection_ack``; then any number of ``subscribe`` frames, each a
+subscription of its own on this socket, acknowledged with ``subscribe_ack`` once
+every one of its bindings is in effect on the broker (again after a reconnect, as
+``ready`` is for a stream); ``data`` frames carry each matching message once per
+subscription, with the message's whole ``CC`` header. A malformed ``subscribe`` or
+an unknown frame type gets a ``ProtocolError`` frame and the socket stays open; a
+binding the broker refuses ends its subscription with a ``SubscriptionError``.
+A ``connection_init`` with ``authorization`` is taken as anonymous: every client
+may read every exchange ``server.allowed_exchanges`` lets through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from taskcluster.exceptions import TaskclusterFailure
+from taskcluster.generated.queueevents import QueueEvents
+
+from .bindings import Binding, BindingError, checked
+from .message import Encoder, Message, to_json_bytes
+from .metrics import EndReason
+from .subscribers import BadInput, OverLimit, Subscriber
+from .websocket import WebSocketConnection
+
+PATHS = {"/subscription/raw": "raw", "/subscription/named": "named"}
+CONNECTION_INIT_TIMEOUT = 10.0  # seconds
+MAX_SUBSCRIPTIONS = 100  # bindings or event names in one subscribe, as upstream
+# The services whose events can be subscribed to by name, and their events client.
+EVENTS_SERVICES: dict[str, Any] = {"queue": QueueEvents({"rootUrl": "https://events.invalid"})}
+EVENT_NAMES = {
+    "queue": frozenset(
+        name for name, value in vars(QueueEvents).items() if callable(value) and name[0] != "_"
+    )
+}
+
+
+class ProtocolError(ValueError):
+    """A frame the client should not have sent; ``str`` is what it is told."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+class DataEncoder:
+    """A message as the ``message`` object of a ``data`` frame: made once per message
+    for every subscription on every socket (the subscription's id is put around it)."""
+
+    def encode(self, message: Message) -> bytes:
+        rest = to_json_bytes(
+            {
+                "exchange": message.exchange,
+                "routingKey": message.routing_key,
+                "redelivered": message.redelivered,
+                "cc": message.cc,
+            }
+        )
+        return b"".join((b'{"payload":', message.payload, b",", rest[1:]))
+
+
+DATA = DataEncoder()
+
+
+class TaskclusterSocket(WebSocketConnection):
+    """One socket of Taskcluster's 2026 protocol; ``shape`` is ``raw`` or ``named``."""
+
+    protocol: ClassVar[str] = "subscription"
+    encoder: Encoder = DATA
+
+    def __init__(self, shape: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.resolve: Callable[[dict[str, Any]], list[Binding]] = (
+            self._raw if shape == "raw" else self._named
+        )
+        self.initialised = False
+        self.init_timer: asyncio.TimerHandle | None = None
+
+    def opened(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.init_timer = loop.call_later(
+            CONNECTION_INIT_TIMEOUT,
+            self._protocol_error,
+            "Protocol error: no connection_init frame received",
+        )
+        self.timers.append(self.init_timer)
+
+    def frame(self, text: str) -> None:
+        try:
+            frame = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            self._protocol_error("Protocol error: malformed JSON")
+            return
+        if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+            self._protocol_error("Protocol error: missing frame type")
+            return
+        kind = frame["type"]
+        if not self.initialised:
+            if kind != "connection_init":
+                self._protocol_error("Protocol error: first frame must be connection_init")
+                return
+            self.initialised = True
+            if self.init_timer is not None:
+                self.init_timer.cancel()
+            self.push(b'{"type":"connection_ack"}')
+        elif kind == "subscribe":
+            self._subscribe(frame)
+        elif kind == "unsubscribe":
+            self._unsubscribe(frame.get("subscriptionId"))
+        else:
+            self._error("ProtocolError", f"Unknown frame type: {kind}"[:300])
+
+    # -- subscriptions ------------------------------------------------------------------
+
+    def _subscribe(self, frame: dict[str, Any]) -> None:
+        try:
+            bindings = self.resolve(frame)
+        except ProtocolError as error:
+            self._error("ProtocolError", str(error))
+            return
+        label = uuid.uuid4().hex.encode()
+        admitted = self.subscribers.admit(bindings, self, self.outbox, label)
+        if isinstance(admitted, BadInput):
+            self._error("ProtocolError", admitted.message)
+        elif isinstance(admitted, OverLimit):
+            self._error("SubscriptionError", f"{admitted.why}; retry later.", label)
+        elif isinstance(admitted, Subscriber) and not admitted.ended:
+            self.carried[label] = admitted
+        # Shutting down: the socket is being closed with 1012.
+
+    def _unsubscribe(self, subscription_id: Any) -> None:
+        """An unknown or ended id is ignored: unsubscribing is idempotent."""
+        if not isinstance(subscription_id, str):
+            return
+        subscriber = self.carried.pop(subscription_id.encode(), None)
+        if subscriber is not None:
+            self.subscribers.leave(subscriber)
+
+    def _raw(self, frame: dict[str, Any]) -> list[Binding]:
+        bindings = frame.get("bindings")
+        if not isinstance(bindings, list) or not bindings:
+            raise ProtocolError("subscribe requires a non-empty array of bindings")
+        if len(bindings) > MAX_SUBSCRIPTIONS:
+            raise ProtocolError(f"subscribe allows at most {MAX_SUBSCRIPTIONS} bindings")
+        for binding in bindings:
+            if (
+                not isinstance(binding, dict)
+                or not isinstance(binding.get("exchange"), str)
+                or not isinstance(binding.get("pattern"), str)
+            ):
+                raise ProtocolError("each binding requires an `exchange` and a `pattern` string")
+        return self._checked([(b["exchange"], b["pattern"]) for b in bindings])
+
+    def _named(self, frame: dict[str, Any]) -> list[Binding]:
+        service, names, routing_key = (
+            frame.get("service"),
+            frame.get("subscriptions"),
+            frame.get("routingKey"),
+        )
+        if not isinstance(service, str):
+            raise ProtocolError("subscribe requires a `service` string")
+        if service not in EVENTS_SERVICES:
+            raise ProtocolError(f"unknown events service: {service}"[:300])
+        if not isinstance(names, list) or not names:
+            raise ProtocolError("subscribe requires a non-empty array of subscriptions")
+        if len(names) > MAX_SUBSCRIPTIONS:
+            raise ProtocolError(f"subscribe allows at most {MAX_SUBSCRIPTIONS} subscriptions")
+        if routing_key is not None and not isinstance(routing_key, dict):
+            raise ProtocolError("routingKey must be an object of routing-key fields")
+        client, pairs = EVENTS_SERVICES[service], []
+        for name in names:
+            if not isinstance(name, str) or name not in EVENT_NAMES[service]:
+                raise ProtocolError(f"unknown {service} event: {name}"[:300])
+            try:
+                # As Taskcluster's client expands it: omitted fields match anything.
+                binding = getattr(client, name)(routing_key or {})
+            except (TaskclusterFailure, TypeError, ValueError) as error:
+                message = f"invalid routingKey for {service} event {name}: {error}"
+                raise ProtocolError(message[:300]) from None
+            pairs.append((binding["exchange"], binding["routingKeyPattern"]))
+        return self._checked(pairs)
+
+    def _checked(self, pairs: list[tuple[Any, Any]]) -> list[Binding]:
+        try:
+            return checked(pairs, self.settings.limits(), "pattern")
+        except BindingError as error:
+            raise ProtocolError(str(error)) from None
+
+    # -- what the hub says, on this wire --------------------------------------------
+
+    def ready(self, subscriber: Subscriber) -> bytes:
+        return b'{"type":"subscribe_ack","subscriptionId":"' + subscriber.label + b'"}'
+
+    def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes:
+        self.messages += 1
+        return b"".join(
+            (b'{"type":"data","subscriptionId":"', subscriber.label, b'","message":', frame, b"}")
+        )
+
+    def subscription_failed(self, subscriber: Subscriber, message: str) -> None:
+        self._error("SubscriptionError", message, subscriber.label)
+
+    def _error(self, code: str, message: str, label: bytes | None = None) -> None:
+        error: dict[str, str] = {"type": "error", "code": code}
+        if label is not None:
+            error["subscriptionId"] = label.decode()
+        error["message"] = message
+        self.push(to_json_bytes(error))
+
+    def _protocol_error(self, why: str) -> None:
+        self.close(EndReason.PROTOCOL_ERROR, why)

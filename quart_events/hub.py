@@ -395,14 +395,19 @@ class Hub:
         )
 
     def drop_stuck_streams(self) -> None:
-        """End subscribers whose client took nothing for ``write_timeout``: gone or stuck."""
+        """End subscribers whose client took nothing for ``write_timeout``: gone or stuck
+        (frames waiting, or a write that does not return, as long)."""
         stuck_before = time.monotonic() - self.settings.write_timeout
         for subscriber in list(self.subscribers):
             outbox = subscriber.outbox
-            if outbox.frames and outbox.pending_since < stuck_before:
+            if outbox.stuck_since(stuck_before):
                 self.counts.stuck += 1
                 outbox.abort(EndReason.STUCK)
                 self.leave(subscriber)
+        for outbox in list(self.connections):  # a connection's subscribers leave with it
+            if outbox.stuck_since(stuck_before):
+                self.counts.stuck += 1
+                outbox.abort(EndReason.STUCK)
 
     def begin_shutdown(self) -> None:
         """End every subscriber the way its transport says goodbye (SSE: a frame that

@@ -208,6 +208,10 @@ class Outbox:
         self.budget.remove(self.in_flight)
         self.in_flight = self.in_flight_largest = 0
 
+    def stuck_since(self, moment: float) -> bool:
+        """Whether what it holds (waiting, or being written) has waited since ``moment``."""
+        return bool(self.frames or self.in_flight) and self.pending_since < moment
+
     @property
     def held_bytes(self) -> int:
         """What it holds: frames waiting and the chunk being written."""

@@ -7,6 +7,8 @@ in docs/design.md.
 2. HTTP/2 ended streams: a stream that ends with data its client never took is reset
    and its buffer freed at once.
 3. TLS at shutdown: a connection is given up within a second when it closes.
+4. WebSocket pongs: a client that has not answered the last ping when the next is due
+   is dropped (hypercorn pings, and never looks at the answers).
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import h2.exceptions
 import hypercorn.asyncio.run as hypercorn_run
 from hypercorn.events import Closed
 from hypercorn.protocol import h2 as hypercorn_h2
+from hypercorn.protocol import ws_stream as hypercorn_ws
 from hypercorn.protocol.events import StreamClosed
 from priority.priority import MissingStreamError
+from wsproto import connection as wsproto_connection
+from wsproto.events import CloseConnection, Ping, Pong
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,9 @@ TLS_CLOSE_TIMEOUT = 1.0  # seconds a TLS connection may take to close at shutdow
 # hypercorn's own, before ``install``: the mends call the second, the tests read both.
 ORIGINAL_POP = hypercorn_h2.StreamBuffer.pop
 ORIGINAL_STREAM_SEND = hypercorn_h2.H2Protocol.stream_send
+ORIGINAL_EVENTS = wsproto_connection.Connection.events
+ORIGINAL_SEND_PINGS = hypercorn_ws.WSStream._send_pings
+NO_PONG = 1011  # the close code of a client dropped for not answering a ping
 
 
 async def pop_with_backpressure(self: hypercorn_h2.StreamBuffer, max_length: int) -> bytes:
@@ -92,6 +100,32 @@ class AsyncioForHypercorn:
         return await asyncio.start_server(*args, **kwargs)
 
 
+def events_noting_pongs(self: wsproto_connection.Connection) -> Any:
+    """wsproto's events, each pong noted on the connection (hypercorn skips them)."""
+    for event in ORIGINAL_EVENTS(self):
+        if isinstance(event, Pong):
+            self.pong_seen = True  # type: ignore[attr-defined]
+        yield event
+
+
+async def send_pings_dropping_the_silent(self: hypercorn_ws.WSStream) -> None:
+    """hypercorn (0.18) pings every ``websocket_ping_interval`` and never looks at the
+    pongs: a client that stopped answering (a frozen tab, a half-open link) was kept
+    until TCP gave up. Here one that has not answered the last ping when the next is
+    due is closed (1011) and its connection ended; the application hears the
+    disconnect."""
+    connection, interval = self.connection, self.config.websocket_ping_interval or 0.0
+    connection.pong_seen = True  # type: ignore[attr-defined]
+    while not self.closed:
+        if not connection.pong_seen:  # type: ignore[attr-defined]
+            await self._send_wsproto_event(CloseConnection(code=NO_PONG, reason="no pong"))
+            await self.send(StreamClosed(stream_id=self.stream_id))
+            return
+        connection.pong_seen = False  # type: ignore[attr-defined]
+        await self._send_wsproto_event(Ping())
+        await self.context.sleep(interval)
+
+
 def install() -> bool:
     """Install every mend, once; ``False`` (and a warning) on another hypercorn series,
     where they were never tested: its tests say whether they are still needed."""
@@ -106,4 +140,6 @@ def install() -> bool:
     hypercorn_h2.StreamBuffer.pop = pop_with_backpressure  # type: ignore[method-assign]
     hypercorn_h2.H2Protocol.stream_send = stream_send_resetting_ended_streams  # type: ignore[method-assign]
     hypercorn_run.asyncio = AsyncioForHypercorn()  # type: ignore[assignment,attr-defined]
+    wsproto_connection.Connection.events = events_noting_pongs  # type: ignore[method-assign]
+    hypercorn_ws.WSStream._send_pings = send_pings_dropping_the_silent  # type: ignore[method-assign]
     return True

@@ -48,3 +48,14 @@ def test_hypercorn_still_leaves_the_tls_close_timeout_at_asyncios_default() -> N
     asyncio waits its default 30 s for a TLS client's close_notify."""
     source = inspect.getsource(hypercorn_run.worker_serve)
     assert "start_server(" in source and "ssl_shutdown_timeout" not in source
+
+
+def test_hypercorn_still_ignores_websocket_pongs() -> None:
+    """Mend 4: hypercorn's WSStream pings on a timer and its event handling has no case
+    for a Pong, so a client that stops answering is never dropped."""
+    from hypercorn.protocol import ws_stream
+
+    handling = inspect.getsource(ws_stream.WSStream._handle_events)
+    assert "Ping" in handling and "Pong" not in handling
+    pinging = inspect.getsource(mends.ORIGINAL_SEND_PINGS)
+    assert "Ping()" in pinging and "Pong" not in pinging and "CloseConnection" not in pinging

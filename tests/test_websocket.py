@@ -451,6 +451,21 @@ async def test_a_socket_that_does_not_read_is_closed_with_4429(exchange_name: st
         assert server.stats()["held_bytes"] == 0
 
 
+async def test_a_client_that_misses_a_pong_is_dropped(exchange_name: str) -> None:
+    """Pings every second here: the raw client never reads, so never answers; the
+    `websockets` client answers every ping and stays."""
+    with EventsServer.running({"TC_EVENTS_SERVER__WEBSOCKET_PING_INTERVAL": "1"}) as server:
+        async with socket(server) as answering:
+            await answering.subscribe([binding(exchange_name)])
+            await asyncio.to_thread(StalledSocket, server.port, exchange_name)
+            assert server.stats()["connections"] == 2
+            await wait_until(lambda: server.stats()["connections"] == 1, timeout=20)
+            await asyncio.sleep(3)  # three more pings, answered
+            assert server.stats()["connections"] == 1
+            await publish(exchange_name, "k", b'"still here"')
+            assert (await answering.recv())["message"]["payload"] == "still here"
+
+
 async def test_a_frame_over_64_kib_closes_the_socket_with_1009(server: EventsServer) -> None:
     async with socket(server) as client:
         await client.send({"type": "unsubscribe", "subscriptionId": "x" * 70_000})

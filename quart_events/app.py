@@ -21,7 +21,7 @@ from .connect import ConnectEndpoint
 from .hub import Hub
 from .legacy_websocket import PATHS as LEGACY_PATHS
 from .legacy_websocket import LegacySocket
-from .metrics import CONTENT_TYPE, Counts, Metrics
+from .metrics import CONTENT_TYPE, WEBSOCKET_PROTOCOLS, Counts, EndReason, Metrics
 from .service import Service
 from .settings import ServerSettings, Settings
 from .shared_bindings import SharedBindings
@@ -68,30 +68,52 @@ def create_app(
     broker.attach(hub)
     shared.attach(hub)
     subscribers = Subscribers(hub, settings.server, metrics)
-    service = Service(settings, broker, shared, hub, metrics)
-
     app = Quart(__name__, static_folder=str(STATIC))
+    # Requests reach the SSE endpoint first, then the WebSocket routes; the rest, Quart.
+    sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server, metrics)
+    endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts)
+    service = Service(settings, broker, shared, hub, metrics, websockets=sockets.stats)
+
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # revalidated: a new version shows at once
     app.extensions["tc_events"] = service
     if lifecycle:
         app.before_serving(service.start)
         app.after_serving(service.stop)
     _add_plain_routes(app, service)
-    # Requests reach the connect endpoint first; everything else goes on to Quart.
-    sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server)
-    endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts)
     app.asgi_app = endpoint  # type: ignore[method-assign]
     return app
 
 
 class WebSocketRoutes:
     """WebSocket upgrades: Taskcluster's two protocols by path, 404 on any other path;
-    every other request goes on to ``app``."""
+    every other request goes on to ``app``. Counts its sockets by protocol."""
 
-    def __init__(self, app: ASGIFramework, subscribers: Subscribers, settings: ServerSettings):
+    def __init__(
+        self,
+        app: ASGIFramework,
+        subscribers: Subscribers,
+        settings: ServerSettings,
+        metrics: Metrics,
+    ):
         self.app = app
         self.subscribers = subscribers
         self.settings = settings
+        self.metrics = metrics
+        self.open: set[WebSocketConnection] = set()
+        self.frames_of_ended = dict.fromkeys(WEBSOCKET_PROTOCOLS, 0)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per protocol: open sockets, their subscriptions, message frames so far."""
+        figures = {
+            protocol: {"open": 0, "subscriptions": 0, "frames": frames}
+            for protocol, frames in self.frames_of_ended.items()
+        }
+        for connection in self.open:
+            mine = figures[connection.protocol]
+            mine["open"] += 1
+            mine["subscriptions"] += len(connection.carried)
+            mine["frames"] += connection.messages
+        return figures
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -110,7 +132,14 @@ class WebSocketRoutes:
             await receive()  # websocket.connect
             await deny(send, 404, "No WebSocket is served at this path.\n")
             return
-        await connection.serve(receive)
+        self.open.add(connection)
+        try:
+            await connection.serve(receive)
+        finally:
+            self.open.discard(connection)
+            self.frames_of_ended[connection.protocol] += connection.messages
+            reason = connection.outbox.end_reason or EndReason.CLIENT_LEFT
+            self.metrics.websockets_ended.labels(connection.protocol, reason).inc()
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -126,6 +155,7 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
         return _json(
             {
                 **hub.stats(),
+                "websockets": service.websockets(),
                 "broker_connected": broker.is_connected,
                 "broker_reconnects": broker.reconnects,
                 "tasks": len(asyncio.all_tasks()),

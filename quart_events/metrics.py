@@ -56,6 +56,8 @@ class EndReason(StrEnum):
     LIFETIME = "lifetime"  # a WebSocket outlived server.websocket_lifetime
 
 
+# The WebSocket protocols, by the name logs, stats and metrics give them.
+WEBSOCKET_PROTOCOLS = ("subscription", "listen")
 OPENED = tuple(Outcome)
 ENDED = tuple(EndReason)
 
@@ -88,9 +90,14 @@ class Metrics:
         def counter(name: str, text: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, text, labels, registry=registry)
 
-        def gauge(name: str, text: str, across_workers: Literal["livesum", "liveall"]) -> Gauge:
+        def gauge(
+            name: str,
+            text: str,
+            across_workers: Literal["livesum", "liveall"],
+            labels: tuple[str, ...] = (),
+        ) -> Gauge:
             """``livesum``: the sum over living workers; ``liveall``: one series each."""
-            return Gauge(name, text, registry=registry, multiprocess_mode=across_workers)
+            return Gauge(name, text, labels, registry=registry, multiprocess_mode=across_workers)
 
         self.streams_open = gauge("tc_events_streams_open", "Open streams.", "livesum")
         self.streams_opened = counter(
@@ -142,6 +149,30 @@ class Metrics:
             registry=registry,
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.websockets_open = gauge(
+            "tc_events_websockets_open", "Open WebSockets, by protocol.", "livesum", ("protocol",)
+        )
+        self.websocket_subscriptions = gauge(
+            "tc_events_websocket_subscriptions",
+            "Subscriptions on open WebSockets, by protocol.",
+            "livesum",
+            ("protocol",),
+        )
+        self.websocket_frames = counter(
+            "tc_events_websocket_frames",
+            "Message frames delivered on WebSockets, by protocol.",
+            ("protocol",),
+        )
+        self.websockets_ended = counter(
+            "tc_events_websockets_ended",
+            "WebSockets ended, by protocol and reason.",
+            ("protocol", "reason"),
+        )
+        self._frames_flushed: dict[str, int] = {}
+        for protocol in WEBSOCKET_PROTOCOLS:
+            for reason in ENDED:
+                self.websockets_ended.labels(protocol, reason)
+            self.websocket_frames.labels(protocol)
         for outcome in OPENED:
             self.streams_opened.labels(outcome)
         for reason in ENDED:
@@ -172,6 +203,16 @@ class Metrics:
         self.streams_open.set(streams)
         self.bindings.set(bindings)
         self.broker_connected.set(1 if connected else 0)
+
+    def flush_websockets(self, stats: dict[str, dict[str, int]]) -> None:
+        """Per protocol: open sockets, their subscriptions, frames delivered so far."""
+        for protocol, figures in stats.items():
+            self.websockets_open.labels(protocol).set(figures["open"])
+            self.websocket_subscriptions.labels(protocol).set(figures["subscriptions"])
+            delta = figures["frames"] - self._frames_flushed.get(protocol, 0)
+            if delta:
+                self.websocket_frames.labels(protocol).inc(delta)
+                self._frames_flushed[protocol] = figures["frames"]
 
     def exposition(self) -> bytes:
         """The text a scrape gets: every worker's figures where there are several."""

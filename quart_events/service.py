@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .broker import Broker
@@ -35,6 +36,8 @@ class Service:
     started_at: float = field(default_factory=time.monotonic)
     timers: list[asyncio.Task[None]] = field(default_factory=list)
     descriptors: DescriptorWatch | None = None  # set when serving: the open files limit
+    # The WebSocket figures by protocol (open sockets, subscriptions, frames).
+    websockets: Callable[[], dict[str, dict[str, int]]] = dict
 
     async def start(self) -> None:
         """Connect to the broker and start the timers; raise ``BrokerUnavailable``."""
@@ -70,6 +73,7 @@ class Service:
             broker.is_connected,
             broker.reconnects,
         )
+        self.metrics.flush_websockets(self.websockets())
 
     async def stop(self) -> None:
         timers, self.timers = self.timers, []

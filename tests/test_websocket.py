@@ -542,3 +542,40 @@ async def test_hostile_frames_after_the_start_never_close_the_socket(
                 break
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{server.base}/__lbheartbeat__")).status_code == 200
+
+
+async def test_stats_and_metrics_are_split_by_protocol(exchange_name: str) -> None:
+    with EventsServer.running() as server:
+        await counted_by_protocol(server, exchange_name)
+
+
+async def counted_by_protocol(server: EventsServer, exchange_name: str) -> None:
+    legacy_url = f"ws://127.0.0.1:{server.port}/api/events/v1/listen/websocket"
+    async with socket(server) as one, socket(server) as two, websockets.connect(legacy_url) as old:
+        await one.subscribe([binding(exchange_name, "a.#")])
+        await one.subscribe([binding(exchange_name, "#")])
+        await two.subscribe([binding(exchange_name, "b.#")])
+        assert json.loads(await old.recv())["event"] == "ready"
+        bind = {"exchange": exchange_name, "routingKeyPattern": "#"}
+        await old.send(json.dumps({"method": "bind", "id": "r", "options": bind}))
+        assert json.loads(await old.recv())["event"] == "bound"
+        await publish(exchange_name, "a.x", b"{}")
+        await one.recv()
+        await one.recv()
+        await old.recv()
+        figures = server.stats()["websockets"]
+        assert figures == {
+            "subscription": {"open": 2, "subscriptions": 3, "frames": 2},
+            "listen": {"open": 1, "subscriptions": 1, "frames": 1},
+        }
+    await wait_until(lambda: server.stats()["connections"] == 0)
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"{server.base}/metrics")).text
+    for line in (
+        'tc_events_websockets_open{protocol="subscription"} 0.0',
+        'tc_events_websocket_frames_total{protocol="subscription"} 2.0',
+        'tc_events_websocket_frames_total{protocol="listen"} 1.0',
+        'tc_events_websockets_ended_total{protocol="subscription",reason="client_left"} 2.0',
+        'tc_events_websockets_ended_total{protocol="listen",reason="client_left"} 1.0',
+    ):
+        assert line in text.splitlines(), line

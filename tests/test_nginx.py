@@ -21,6 +21,7 @@ from pathlib import Path
 import aio_pika
 import httpx
 import pytest
+import websockets
 from browser import Browser, Inspector, driven_chromium
 from helpers import (
     ROOT,
@@ -209,3 +210,27 @@ async def test_the_inspector_page_works_under_a_path_prefix(
         page.wait_state("ready")
         await publish(exchange, "through.the.prefix", b'{"via": "nginx"}')
         page.wait(lambda: [row[2] for row in page.rows()] == ["through.the.prefix"])
+
+
+async def test_both_websocket_protocols_pass_through_nginx(
+    server: EventsServer, exchange: aio_pika.abc.AbstractExchange
+) -> None:
+    with nginx(server.port) as proxied:
+        base = proxied.replace("http://", "ws://")
+        async with websockets.connect(base + "/subscription/raw") as ws:
+            await ws.send('{"type": "connection_init"}')
+            assert json.loads(await ws.recv()) == {"type": "connection_ack"}
+            bindings = [{"exchange": exchange.name, "pattern": "#"}]
+            await ws.send(json.dumps({"type": "subscribe", "bindings": bindings}))
+            assert json.loads(await ws.recv())["type"] == "subscribe_ack"
+            async with websockets.connect(base + "/api/events/v1/listen/websocket") as old:
+                assert json.loads(await old.recv())["event"] == "ready"
+                bind = {"exchange": exchange.name, "routingKeyPattern": "#"}
+                await old.send(json.dumps({"method": "bind", "id": "r", "options": bind}))
+                assert json.loads(await old.recv())["event"] == "bound"
+                await publish(exchange, "k", b'"through nginx"')
+                data = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                assert data["message"]["payload"] == "through nginx"
+                message = json.loads(await asyncio.wait_for(old.recv(), 10))
+                assert message["event"] == "message"
+                assert message["payload"]["payload"] == "through nginx"

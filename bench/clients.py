@@ -1,6 +1,8 @@
 """The three kinds of subscriber a benchmark drives, each reporting `ready` and messages.
 
 - ``sse``: this service, read over a raw asyncio socket (a browser's cost, not httpx's).
+- ``ws``: this service's Taskcluster 2026 WebSocket (``/subscription/raw``), one
+  subscription per socket, as Taskcluster's UI opens it.
 - ``stomp``: RabbitMQ Web-STOMP, `/exchange/<name>/<pattern>` over a websocket.
 - ``amqp``: the lean AMQP consumer of ``lean_amqp.py`` (no-ack): the broker's own limit.
 
@@ -86,6 +88,35 @@ async def sse(
             tail = data[-keep:]
     finally:
         writer.close()
+
+
+async def ws(
+    port: int,
+    exchange: str,
+    pattern: str,
+    ready: asyncio.Event,
+    on_message: OnMessage,
+    want_times: bool,
+) -> None:
+    """One socket, one subscription. Data frames are told by their first bytes; only
+    latency runs decode them."""
+    url = f"ws://127.0.0.1:{port}/subscription/raw"
+    async with websockets.connect(url, max_size=None, compression=None) as socket:
+        await socket.send('{"type": "connection_init"}')
+        await socket.recv()
+        subscribe = {"type": "subscribe", "bindings": [{"exchange": exchange, "pattern": pattern}]}
+        await socket.send(json.dumps(subscribe))
+        async for text in socket:
+            frame = text if isinstance(text, str) else text.decode()
+            if frame.startswith('{"type":"data"'):
+                if want_times:
+                    on_message(float(json.loads(frame)["message"]["payload"]["t"]))
+                else:
+                    on_message(None)
+            elif frame.startswith('{"type":"subscribe_ack"'):
+                ready.set()
+            elif frame.startswith('{"type":"error"'):
+                raise RuntimeError(f"websocket error: {frame[:200]!r}")
 
 
 async def stomp(

@@ -22,7 +22,7 @@ from lean_amqp import LeanConsumer
 
 @dataclass
 class Job:
-    kind: str  # sse | stomp | amqp
+    kind: str  # sse | ws | stomp | amqp
     port: int
     exchange: str
     pattern: str
@@ -102,6 +102,15 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
                 receiver(stream),
                 job.want_times,
                 ping,
+            )
+        elif job.kind == "ws":
+            follow = clients.ws(
+                job.port,
+                job.exchange,
+                job.pattern,
+                readies[stream],
+                receiver(stream),
+                job.want_times,
             )
         elif job.kind == "stomp":
             follow = clients.stomp(

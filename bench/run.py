@@ -34,8 +34,9 @@ from lean_amqp import LeanPublisher
 from loadgen import Job, LoadGenerator, Report
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("sse", "stomp", "amqp")
-NAMES = {"sse": "tc-events", "stomp": "Web-STOMP", "amqp": "raw AMQP"}
+SYSTEMS = ("sse", "ws", "stomp", "amqp")
+NAMES = {"sse": "tc-events", "ws": "tc-events WS", "stomp": "Web-STOMP", "amqp": "raw AMQP"}
+OURS = ("sse", "ws")  # served by the tc-events server of the run: its CPU is counted
 BODY_SIZE = 1024
 Row = dict[str, Any]  # figures by name; a `why` text where a run failed or was not run
 SERVER_PID: int | None = None  # the tc-events server of this run (its workers are children)
@@ -273,7 +274,7 @@ def fanout_once(system: str, port: int, streams: int, messages: int, processes: 
             generator.finish(10)
             return {"failed": failures, "why": failure}
         cpu: Row = {}
-        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+        with cpu_seconds(cpu, SERVER_PID if system in OURS else None):
             started, _ = asyncio.run(publish(exchange, messages))
             report = generator.finish(timeout=300)
     expected = streams * messages
@@ -311,7 +312,7 @@ def latency(
         )
         generator.start()
         cpu: Row = {}
-        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+        with cpu_seconds(cpu, SERVER_PID if system in OURS else None):
             started, _ = asyncio.run(publish(exchange, messages, rate=rate))
             report = generator.finish(timeout=60)
     return {
@@ -331,7 +332,7 @@ def connect(system: str, port: int, streams: int = 1000) -> Row:
     with exchange_for_run() as exchange:
         generator = LoadGenerator(Job(system, port, exchange, "bench.#", streams), 4)
         cpu: Row = {}
-        with cpu_seconds(cpu, SERVER_PID if system == "sse" else None):
+        with cpu_seconds(cpu, SERVER_PID if system in OURS else None):
             # The workers' own start-up (a fresh Python each) is not the system's time:
             # per-stream times are measured inside the workers, from each stream's start.
             ready, failures, failure = generator.start()
@@ -369,8 +370,12 @@ def slowest_health_answer_ms(port: int, tries: int = 20) -> float:
     return slowest * 1000
 
 
-def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> Row:
-    """10,000 open streams on one server: RSS per stream, pings on time, health answers."""
+def idle(
+    streams: int = 10_000, ping_interval: float = 5, hold: float = 16, kind: str = "sse"
+) -> Row:
+    """10,000 open streams (or ``kind="ws"``: WebSockets of one subscription each) on one
+    server: RSS per stream, pings on time (SSE's; WebSocket pings are the protocol's),
+    health answers."""
     with (
         events_server(ping_interval=str(ping_interval), workers=WORKERS) as server,
         exchange_for_run() as exchange,
@@ -378,7 +383,7 @@ def idle(streams: int = 10_000, ping_interval: float = 5, hold: float = 16) -> R
         time.sleep(2)
         before = rss_of(server.process.pid)
         generator = LoadGenerator(
-            Job("sse", server.port, exchange, "bench.#", streams, count_pings=True), 4
+            Job(kind, server.port, exchange, "bench.#", streams, count_pings=kind == "sse"), 4
         )
         ready, failures, _ = generator.start()
         cpu: Row = {}
@@ -460,7 +465,7 @@ def run_workloads(args: argparse.Namespace, systems: list[str], workers: str) ->
     with events_server(workers=WORKERS) as server:
         SERVER_PID = server.process.pid
         time.sleep(2)  # the workers start
-        ports = {"sse": server.port, "stomp": 15674, "amqp": 5672}
+        ports = {"sse": server.port, "ws": server.port, "stomp": 15674, "amqp": 5672}
         for workload in args.workloads:
             if workload == "fanout":
                 for streams in map(int, args.fanout_streams.split(",")):
@@ -484,6 +489,10 @@ def run_workloads(args: argparse.Namespace, systems: list[str], workers: str) ->
         row = median_of(args.runs, idle)
         table.append((f"idle 10000{tag}", "sse", row))
         print(f"idle{tag}: {row}", flush=True)
+    if "idle-ws" in args.workloads:
+        row = median_of(args.runs, idle, 10_000, 5, 16, "ws")
+        table.append((f"idle 10000 WebSockets{tag}", "ws", row))
+        print(f"idle WebSockets{tag}: {row}", flush=True)
 
 
 def print_table(table: list[tuple[str, str, Row]]) -> None:

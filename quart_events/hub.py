@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from .bindings import Binding
 from .errors import BindFailed, ExchangeMissing, client_message
-from .message import Encoder, Message
+from .message import Message
 from .metrics import Counts, EndReason, Metrics, Outcome
 from .outbox import Budget, Outbox
 from .settings import PulseSettings, ServerSettings
@@ -295,21 +295,26 @@ class Hub:
         if not message.is_json:
             counts.non_json += 1
         counts.frames_delivered += len(subscribers)
-        last: Encoder | None = None
-        frame = b""
+        # Per subscriber as little as can be (this loop is most of a message's cost): the
+        # frame is looked up again only when the transport changes (SSE has one).
+        last: Transport | None = None
+        frame, addressed = b"", False
         for subscriber in subscribers:
             transport = subscriber.transport
-            encoder = transport.encoder
-            if encoder is not last:  # one encoding per transport (most have one)
-                last, frame = encoder, message.encoded(encoder)
-            if transport.addressed:
-                addressed = transport.address(subscriber, frame, message)
-                if addressed is not None:
-                    subscriber.delivered += 1
-                    self._push(subscriber, addressed)
+            if transport is not last:
+                last, addressed = transport, transport.addressed
+                frame = message.encoded(transport.encoder)  # made once per encoder
+            if addressed:
+                framed = transport.address(subscriber, frame, message)
+                if framed is None:
+                    continue
+                subscriber.delivered += 1
+                if not subscriber.outbox.push(framed):
+                    counts.too_slow += 1
             else:
                 subscriber.delivered += 1
-                self._push(subscriber, frame)
+                if not subscriber.outbox.push(frame):
+                    counts.too_slow += 1
 
     def _tell_ready(self, subscriber: Subscriber) -> None:
         frame = subscriber.transport.ready(subscriber)

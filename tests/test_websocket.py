@@ -19,7 +19,7 @@ import httpx
 import pytest
 import taskcluster
 import websockets
-from helpers import AMQP_URL, EventsServer, SSEReader, publish, wait_until
+from helpers import AMQP_URL, EventsServer, SSEReader, free_port, publish, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tcp_proxy import TcpProxy
@@ -579,3 +579,69 @@ async def counted_by_protocol(server: EventsServer, exchange_name: str) -> None:
         'tc_events_websockets_ended_total{protocol="listen",reason="client_left"} 1.0',
     ):
         assert line in text.splitlines(), line
+
+
+class PulseListener:
+    """A client that follows Taskcluster's `ui/src/utils/pulseListener.js` frame for
+    frame: `connection_init` on open, its one subscribe frame on `connection_ack`, and
+    after any close but 4401 and 4403 a reconnect with a backoff from 1 s doubling to
+    30 s, reset by an ack."""
+
+    def __init__(self, url: str, subscribe: Frame) -> None:
+        self.url, self.subscribe = url, subscribe
+        self.acks: list[str] = []
+        self.messages: list[Frame] = []
+        self.closes: list[int | None] = []
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        attempts = 0
+        while True:
+            code: int | None = None
+            try:
+                async with websockets.connect(self.url) as ws:
+                    await ws.send(json.dumps({"type": "connection_init"}))
+                    async for text in ws:
+                        frame = json.loads(text)
+                        if frame["type"] == "connection_ack":
+                            attempts = 0
+                            await ws.send(json.dumps(self.subscribe))
+                        elif frame["type"] == "subscribe_ack":
+                            self.acks.append(frame["subscriptionId"])
+                        elif frame["type"] == "data":
+                            self.messages.append(frame["message"])
+                    code = ws.close_code
+            except (OSError, websockets.WebSocketException) as error:
+                received = getattr(error, "rcvd", None)
+                code = received.code if received is not None else None
+            self.closes.append(code)
+            if code in (4401, 4403):
+                return
+            await asyncio.sleep(min(1.0 * 2**attempts, 30.0))
+            attempts += 1
+
+
+async def test_a_pulse_listener_comes_back_after_1012_to_the_restarted_server(
+    exchange_name: str,
+) -> None:
+    port = free_port()
+    first, second = EventsServer.start(port=port), None
+    subscribe = {"type": "subscribe", "bindings": [binding(exchange_name, "#")]}
+    client = PulseListener(f"ws://127.0.0.1:{port}/subscription/raw", subscribe)
+    try:
+        await wait_until(lambda: len(client.acks) == 1)
+        await publish(exchange_name, "k", b'"before"')
+        await wait_until(lambda: len(client.messages) == 1)
+        assert await asyncio.to_thread(first.stop) == 0
+        await wait_until(lambda: bool(client.closes))
+        assert client.closes[0] == 1012
+        second = EventsServer.start(port=port)
+        await wait_until(lambda: len(client.acks) == 2, timeout=40)
+        await publish(exchange_name, "k", b'"after"')
+        await wait_until(lambda: len(client.messages) == 2)
+        assert [m["payload"] for m in client.messages] == ["before", "after"]
+    finally:
+        client.task.cancel()
+        first.stop()
+        if second is not None:
+            second.stop()

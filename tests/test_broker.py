@@ -10,9 +10,11 @@ import ssl
 import uuid
 from pathlib import Path
 
+import aio_pika
 import aiormq
 import pytest
 from helpers import (
+    AMQP_URL,
     EventsServer,
     SSEReader,
     arabbitmqctl,
@@ -355,6 +357,53 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
         await unreachable.start()
     with EventsServer.running({"PULSE_HOSTNAME": f"127.0.0.1:{closed},127.0.0.1:5672"}) as server:
         assert server.stats()["broker_connected"]
+
+
+@pytest.mark.slow
+async def test_a_process_that_falls_behind_keeps_its_link(exchange_name: str) -> None:
+    """The probe's answer comes behind every delivery the broker sent before it: with a
+    backlog of seconds the link was given up as dead (four times in one benchmark) and
+    the backlog lost. Deliveries coming in are a sign of life: no reconnect, none lost."""
+    env = {"TC_EVENTS_PULSE__HEARTBEAT": "2"}  # a probe each second, answered within one
+    with EventsServer.running(env) as server:
+        binding = [{"exchange": exchange_name, "routingKeyPattern": "#"}]
+        # 300 streams that read and discard: each message costs the server 300 pushes,
+        # so it falls seconds behind a publisher that goes flat out.
+        drains = [asyncio.ensure_future(drain(server, binding)) for _ in range(300)]
+        async with SSEReader(server.url(binding)) as reader:
+            await reader.wait_for("ready")
+            await wait_until(lambda: server.stats()["streams"] == 301, timeout=30)
+            body = json.dumps({"pad": "x" * 2_000}).encode()
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                channel = await connection.channel()
+                target = await channel.get_exchange(exchange_name)
+                await asyncio.gather(
+                    *(
+                        target.publish(aio_pika.Message(body), routing_key="k")
+                        for _ in range(40_000)
+                    )
+                )
+            await wait_until(lambda: server.stats()["deliveries"] == 40_000, timeout=100)
+            stats = server.stats()
+            print(f"\nafter the backlog: {stats}")
+            assert stats["broker_reconnects"] == 0
+            assert "the link is dead" not in server.output()
+            # (Streams that could not keep up were ended as too slow: that is theirs.)
+        for task in drains:
+            task.cancel()
+
+
+async def drain(server: EventsServer, binding: list[dict[str, str]]) -> None:
+    """A stream read and thrown away, as fast as it comes."""
+    target = server.url(binding).removeprefix(server.base)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        while await reader.read(1 << 20):
+            pass
+    finally:
+        writer.close()
 
 
 async def test_a_link_that_dies_in_silence_is_found_within_the_heartbeat(

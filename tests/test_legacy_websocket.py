@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import websockets
 from helpers import ROOT, EventsServer, SSEReader, free_port, publish, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -215,3 +217,40 @@ async def test_bad_frames_get_an_error_with_their_id_and_the_socket_stays_open(
             "id": "ok",
             "payload": {"options": bound(exchange_name, "#")},
         }
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.text(max_size=200)
+    | st.builds(json.dumps, JSON)
+    | st.builds(
+        lambda options, request: json.dumps({"method": "bind", "id": request, "options": options}),
+        JSON,
+        JSON,
+    )
+)
+async def test_hostile_frames_get_an_error_or_an_answer_and_never_close_the_socket(
+    server: EventsServer, frame: str
+) -> None:
+    url = f"ws://127.0.0.1:{server.port}/v1/listen/websocket"
+    async with websockets.connect(url) as client:
+        assert json.loads(await asyncio.wait_for(client.recv(), 5))["event"] == "ready"
+        await client.send(frame)
+        answer = json.loads(await asyncio.wait_for(client.recv(), 5))
+        assert answer["event"] in {"error", "bound"} and isinstance(answer["id"], str), answer
+        probe = {"method": "probe", "id": "probe"}
+        await client.send(json.dumps(probe))
+        while (reply := json.loads(await asyncio.wait_for(client.recv(), 5)))["id"] != "probe":
+            assert reply["event"] in {"error", "bound", "message"}
+        assert reply["event"] == "error"

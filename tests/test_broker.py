@@ -360,6 +360,7 @@ async def test_start_tries_every_node_of_the_cluster_list() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 async def test_a_process_that_falls_behind_keeps_its_link(exchange_name: str) -> None:
     """The probe's answer comes behind every delivery the broker sent before it: with a
     backlog of seconds the link was given up as dead (four times in one benchmark) and

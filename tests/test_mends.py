@@ -59,3 +59,13 @@ def test_hypercorn_still_ignores_websocket_pongs() -> None:
     assert "Ping" in handling and "Pong" not in handling
     pinging = inspect.getsource(mends.ORIGINAL_SEND_PINGS)
     assert "Ping()" in pinging and "Pong" not in pinging and "CloseConnection" not in pinging
+
+
+def test_hypercorn_still_writes_each_websocket_message_on_its_own() -> None:
+    """Mend 5: hypercorn's WSStream.app_send takes one text (or bytes) per
+    ``websocket.send`` and sends it as its own event: a socket write each."""
+    source = inspect.getsource(mends.ORIGINAL_WS_APP_SEND)
+    sending = source[source.index('"websocket.send"') :]
+    sending = sending[: sending.index("\"websocket.close\"")]
+    assert 'message["text"]' in sending and "_send_wsproto_event(event)" in sending
+    assert mends.TEXTS not in source

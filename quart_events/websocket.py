@@ -185,8 +185,7 @@ class WebSocketConnection:
                 outbox.sending(sum(len(frame) for frame in frames))
                 try:
                     if batches_installed():  # one write for all of them (mends.py, 5)
-                        texts = [frame.decode() for frame in frames]
-                        await send(cast(Any, {"type": "websocket.send", TEXTS: texts}))
+                        await send(cast(Any, {"type": "websocket.send", TEXTS: frames}))
                     else:
                         for frame in frames:
                             text = frame.decode()

@@ -66,6 +66,6 @@ def test_hypercorn_still_writes_each_websocket_message_on_its_own() -> None:
     ``websocket.send`` and sends it as its own event: a socket write each."""
     source = inspect.getsource(mends.ORIGINAL_WS_APP_SEND)
     sending = source[source.index('"websocket.send"') :]
-    sending = sending[: sending.index("\"websocket.close\"")]
+    sending = sending[: sending.index('"websocket.close"')]
     assert 'message["text"]' in sending and "_send_wsproto_event(event)" in sending
     assert mends.TEXTS not in source

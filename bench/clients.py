@@ -101,7 +101,10 @@ async def ws(
     """One socket, one subscription. Data frames are told by their first bytes; only
     latency runs decode them."""
     url = f"ws://127.0.0.1:{port}/subscription/raw"
-    async with websockets.connect(url, max_size=None, compression=None) as socket:
+    # No open timeout: thousands open at once (the default 10 s failed most of 10,000).
+    async with websockets.connect(
+        url, max_size=None, compression=None, open_timeout=None
+    ) as socket:
         await socket.send('{"type": "connection_init"}')
         await socket.recv()
         subscribe = {"type": "subscribe", "bindings": [{"exchange": exchange, "pattern": pattern}]}

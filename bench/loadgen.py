@@ -19,6 +19,8 @@ from typing import Any
 import clients
 from lean_amqp import LeanConsumer
 
+WEBSOCKET_CLIENTS = {"ws": clients.ws, "stomp": clients.stomp}
+
 
 @dataclass
 class Job:
@@ -103,17 +105,8 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
                 job.want_times,
                 ping,
             )
-        elif job.kind == "ws":
-            follow = clients.ws(
-                job.port,
-                job.exchange,
-                job.pattern,
-                readies[stream],
-                receiver(stream),
-                job.want_times,
-            )
-        elif job.kind == "stomp":
-            follow = clients.stomp(
+        elif job.kind in WEBSOCKET_CLIENTS:  # Taskcluster's WebSocket, Web-STOMP
+            follow = WEBSOCKET_CLIENTS[job.kind](
                 job.port,
                 job.exchange,
                 job.pattern,

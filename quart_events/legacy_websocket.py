@@ -14,13 +14,12 @@ socket hears ``ready`` again, once.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from typing import Any, ClassVar
 
 from . import sse
 from .bindings import BindingError, checked
-from .message import Encoder, Message, to_json_bytes
+from .message import Encoder, Message, strict_json, to_json_bytes
 from .subscribers import BadInput, OverLimit, Subscriber
 from .websocket import WebSocketConnection
 
@@ -33,10 +32,6 @@ MAX_ID = 200  # characters of a request id that are echoed back
 
 def _random_id() -> bytes:
     return uuid.uuid4().hex.encode()
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 class MessageEncoder:
@@ -74,7 +69,7 @@ class LegacySocket(WebSocketConnection):
 
     def frame(self, text: str) -> None:
         try:
-            frame = json.loads(text, parse_constant=_reject_constant)
+            frame = strict_json(text)
         except (ValueError, RecursionError):
             frame = None
         request_id = frame.get("id") if isinstance(frame, dict) else None

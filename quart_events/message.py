@@ -150,6 +150,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def strict_json(text: str) -> Any:
+    """``text`` parsed as strict JSON (no NaN or Infinity, which ``JSON.parse`` refuses);
+    ``ValueError`` (or ``RecursionError``) when it is not."""
+    return json.loads(text, parse_constant=_reject_constant)
+
+
 def json_body(body: bytes) -> bytes | None:
     """The body as one line of strict JSON, or ``None`` when it is not strict JSON."""
     try:

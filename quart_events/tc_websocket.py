@@ -16,7 +16,6 @@ may read every exchange ``server.allowed_exchanges`` lets through.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -25,7 +24,7 @@ from taskcluster.exceptions import TaskclusterFailure
 from taskcluster.generated.queueevents import QueueEvents
 
 from .bindings import Binding, BindingError, checked
-from .message import Encoder, Message, to_json_bytes
+from .message import Encoder, Message, strict_json, to_json_bytes
 from .metrics import EndReason
 from .subscribers import BadInput, OverLimit, Subscriber
 from .websocket import WebSocketConnection
@@ -44,10 +43,6 @@ EVENT_NAMES = {
 
 class ProtocolError(ValueError):
     """A frame the client should not have sent; ``str`` is what it is told."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(name)
 
 
 class DataEncoder:
@@ -94,7 +89,7 @@ class TaskclusterSocket(WebSocketConnection):
 
     def frame(self, text: str) -> None:
         try:
-            frame = json.loads(text, parse_constant=_reject_constant)
+            frame = strict_json(text)
         except (ValueError, RecursionError):
             self._protocol_error("Protocol error: malformed JSON")
             return

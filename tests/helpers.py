@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import aio_pika
 import httpx
 from httpx_sse import ServerSentEvent, aconnect_sse
+from hypothesis import strategies as st
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Where server logs go: pytest's temporary directory when under pytest (conftest sets
@@ -404,3 +406,30 @@ class RatePublisher(threading.Thread):
                     await exchange.publish(message, routing_key=f"load.{self.sent}")
                     self.sent += 1
                 await asyncio.sleep(0.002)
+
+
+@contextlib.contextmanager
+def npm_modules(*packages: str) -> Iterator[Path]:
+    """``packages`` installed from the npm registry into a temporary directory; yields
+    its ``node_modules`` (removed afterwards)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("node and npm are needed: apt-get install nodejs npm")
+    where = Path(tempfile.mkdtemp(prefix="tc-events-npm-"))
+    try:
+        subprocess.run(
+            ["npm", "install", "--silent", "--no-audit", "--no-fund", *packages],
+            cwd=where, check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        yield where / "node_modules"
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+# Any JSON value, small: for property tests of what clients may send.
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)

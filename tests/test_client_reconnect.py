@@ -12,16 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
-from helpers import ROOT, EventsServer, free_port, publish, wait_until
+from helpers import ROOT, EventsServer, free_port, npm_modules, publish, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -31,18 +29,8 @@ CLIENT = ROOT / "tests" / "eventsource_client.mjs"
 @pytest.fixture(scope="module")
 def node_modules() -> Iterator[Path]:
     """npm `eventsource` 2.x and 3.x, side by side (as es2 and es3)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        raise RuntimeError("node and npm are needed: apt-get install nodejs npm")
-    where = Path(tempfile.mkdtemp(prefix="tc-events-npm-"))
-    try:
-        subprocess.run(
-            ["npm", "install", "--silent", "--no-audit", "--no-fund",
-             "es2@npm:eventsource@2", "es3@npm:eventsource@3"],
-            cwd=where, check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
-        yield where / "node_modules"
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+    with npm_modules("es2@npm:eventsource@2", "es3@npm:eventsource@3") as modules:
+        yield modules
 
 
 class NodeClient:

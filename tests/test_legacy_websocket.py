@@ -8,17 +8,24 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from helpers import ROOT, EventsServer, SSEReader, free_port, publish, wait_until
+from helpers import (
+    JSON_VALUES,
+    ROOT,
+    EventsServer,
+    SSEReader,
+    free_port,
+    npm_modules,
+    publish,
+    wait_until,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tcp_proxy import TcpProxy
@@ -30,18 +37,9 @@ CLIENT = ROOT / "tests" / "weblistener_client.cjs"
 
 @pytest.fixture(scope="module")
 def node_modules() -> Iterator[Path]:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        raise RuntimeError("node and npm are needed: apt-get install nodejs npm")
-    where = Path(tempfile.mkdtemp(prefix="tc-events-npm-"))
-    try:
-        subprocess.run(
-            ["npm", "install", "--silent", "--no-audit", "--no-fund",
-             "taskcluster-client-web@9.0.0", "ws@8"],
-            cwd=where, check=True, capture_output=True, timeout=300,
-        )  # fmt: skip
-        yield where / "node_modules"
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
+    """The unmodified WebListener and `ws` as its WebSocket."""
+    with npm_modules("taskcluster-client-web@9.0.0", "ws@8") as modules:
+        yield modules
 
 
 def bound(exchange: str, pattern: str) -> dict[str, str]:
@@ -219,25 +217,16 @@ async def test_bad_frames_get_an_error_with_their_id_and_the_socket_stays_open(
         }
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     st.text(max_size=200)
-    | st.builds(json.dumps, JSON)
+    | st.builds(json.dumps, JSON_VALUES)
     | st.builds(
         lambda options, request: json.dumps({"method": "bind", "id": request, "options": options}),
-        JSON,
-        JSON,
+        JSON_VALUES,
+        JSON_VALUES,
     )
 )
 async def test_hostile_frames_get_an_error_or_an_answer_and_never_close_the_socket(

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import taskcluster
 import websockets
-from helpers import AMQP_URL, EventsServer, SSEReader, free_port, publish, wait_until
+from helpers import AMQP_URL, JSON_VALUES, EventsServer, SSEReader, free_port, publish, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tcp_proxy import TcpProxy
@@ -510,21 +510,12 @@ async def test_sockets_are_served_by_every_worker(exchange_name: str) -> None:
         assert {line.split("]")[0] for line in ended()} == {"tc-events[1", "tc-events[2"}
 
 
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
     st.sampled_from(["subscribe", "unsubscribe", "connection_init", "data", ""]) | st.text(),
-    st.dictionaries(st.sampled_from(FIELDS[1:]), JSON, max_size=5),
+    st.dictionaries(st.sampled_from(FIELDS[1:]), JSON_VALUES, max_size=5),
 )
 async def test_hostile_frames_after_the_start_never_close_the_socket(
     server: EventsServer, kind: str, fields: Frame

@@ -2,7 +2,7 @@
 
 - ``sse``: this service, read over a raw asyncio socket (a browser's cost, not httpx's).
 - ``ws``: this service's Taskcluster 2026 WebSocket (``/subscription/raw``), one
-  subscription per socket, as Taskcluster's UI opens it.
+  subscription per socket, as Taskcluster's UI opens it, read by ``lean_ws.py``.
 - ``stomp``: RabbitMQ Web-STOMP, `/exchange/<name>/<pattern>` over a websocket.
 - ``amqp``: the lean AMQP consumer of ``lean_amqp.py`` (no-ack): the broker's own limit.
 
@@ -19,11 +19,13 @@ from collections.abc import Callable
 
 import websockets
 from lean_amqp import LeanConsumer, timestamp_of
+from lean_ws import LeanWebSocket
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 STOMP_URL = "ws://127.0.0.1:15674/ws"
 
 OnMessage = Callable[[float | None], None]
+WS_DATA, WS_ACK, WS_ERROR = b'{"type":"data"', b'{"type":"subscribe_ack"', b'{"type":"error"'
 
 
 def _timestamp(data: bytes) -> float:
@@ -98,28 +100,28 @@ async def ws(
     on_message: OnMessage,
     want_times: bool,
 ) -> None:
-    """One socket, one subscription. Data frames are told by their first bytes; only
-    latency runs decode them."""
-    url = f"ws://127.0.0.1:{port}/subscription/raw"
-    # No open timeout: thousands open at once (the default 10 s failed most of 10,000).
-    async with websockets.connect(
-        url, max_size=None, compression=None, open_timeout=None
-    ) as socket:
-        await socket.send('{"type": "connection_init"}')
-        await socket.recv()
-        subscribe = {"type": "subscribe", "bindings": [{"exchange": exchange, "pattern": pattern}]}
-        await socket.send(json.dumps(subscribe))
-        async for text in socket:
-            frame = text if isinstance(text, str) else text.decode()
-            if frame.startswith('{"type":"data"'):
-                if want_times:
-                    on_message(float(json.loads(frame)["message"]["payload"]["t"]))
-                else:
-                    on_message(None)
-            elif frame.startswith('{"type":"subscribe_ack"'):
-                ready.set()
-            elif frame.startswith('{"type":"error"'):
-                raise RuntimeError(f"websocket error: {frame[:200]!r}")
+    """One socket, one subscription, read by ``lean_ws`` (as lean as the SSE reader):
+    data frames are told by their first bytes in place; only latency runs decode them."""
+    socket = await LeanWebSocket.open(port, "/subscription/raw")
+    subscribe = {"type": "subscribe", "bindings": [{"exchange": exchange, "pattern": pattern}]}
+    socket.send('{"type": "connection_init"}')
+    socket.send(json.dumps(subscribe))
+
+    def on_text(data: bytes, start: int, end: int) -> None:
+        if data.startswith(WS_DATA, start):
+            if want_times:
+                on_message(float(json.loads(data[start:end])["message"]["payload"]["t"]))
+            else:
+                on_message(None)
+        elif data.startswith(WS_ACK, start):
+            ready.set()
+        elif data.startswith(WS_ERROR, start):
+            raise RuntimeError(f"websocket error: {data[start:end][:200]!r}")
+
+    try:
+        await socket.read(on_text)
+    finally:
+        socket.close()
 
 
 async def stomp(

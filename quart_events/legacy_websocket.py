@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from . import sse
 from .bindings import BindingError, checked
+from .mends import text_frame_header
 from .message import Encoder, Message, strict_json, to_json_bytes
 from .subscribers import BadInput, OverLimit, Subscriber
 from .websocket import WebSocketConnection
@@ -35,14 +36,20 @@ def _random_id() -> bytes:
 
 
 class MessageEncoder:
-    """A message as the ``message`` event: its payload is the SSE message event's data."""
+    """A message as the ``message`` event: its payload is the SSE message event's data;
+    ``framed``, as a whole WebSocket frame (the same bytes for every socket that takes
+    whole frames)."""
+
+    def __init__(self, framed: bool) -> None:
+        self.framed = framed
 
     def encode(self, message: Message) -> bytes:
         parts = sse.message_data_parts(message)
-        return b"".join((b'{"event":"message","id":"', _random_id(), b'","payload":', *parts, b"}"))
+        text = b"".join((b'{"event":"message","id":"', _random_id(), b'","payload":', *parts, b"}"))
+        return text_frame_header(len(text)) + text if self.framed else text
 
 
-MESSAGES = MessageEncoder()
+MESSAGES, FRAMED_MESSAGES = MessageEncoder(framed=False), MessageEncoder(framed=True)
 
 
 class LegacySocket(WebSocketConnection):
@@ -59,6 +66,8 @@ class LegacySocket(WebSocketConnection):
         self.last: Message | None = None  # the last message sent: once per socket
 
     def opened(self) -> None:
+        if self.raw_frames:
+            self.encoder = FRAMED_MESSAGES
         loop = asyncio.get_running_loop()
         self.timers.append(loop.call_later(READY_DELAY, self._say_ready))
 
@@ -116,10 +125,10 @@ class LegacySocket(WebSocketConnection):
                 "exchange": binding.exchange,
                 "routingKeyPattern": binding.routing_key_pattern,
             }
-            return self._frame("bound", subscriber.label.decode(), {"options": options})
+            return self.wire(self._frame("bound", subscriber.label.decode(), {"options": options}))
         if subscriber.generation > self.ready_generation:  # a reconnect: once per socket
             self.ready_generation = subscriber.generation
-            return b'{"event":"ready","id":"' + _random_id() + b'","payload":null}'
+            return self.wire(b'{"event":"ready","id":"' + _random_id() + b'","payload":null}')
         return None
 
     def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes | None:

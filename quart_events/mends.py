@@ -9,8 +9,10 @@ in docs/design.md.
 3. TLS at shutdown: a connection is given up within a second when it closes.
 4. WebSocket pongs: a client that has not answered the last ping when the next is due
    is dropped (hypercorn pings, and never looks at the answers).
-5. WebSocket batches: several text messages handed over at once (``TEXTS``) go out in
-   one write (hypercorn makes a socket write of every message).
+5. WebSocket batches: several text messages handed over at once go out in one write
+   (hypercorn makes a socket write of every message): as whole frames (``FRAMES``) the
+   application built, when the socket negotiated no extension (``RAW_FRAMES`` in its
+   scope), else as texts (``TEXTS``) that wsproto frames.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ ORIGINAL_EVENTS = wsproto_connection.Connection.events
 ORIGINAL_SEND_PINGS = hypercorn_ws.WSStream._send_pings
 NO_PONG = 1011  # the close code of a client dropped for not answering a ping
 ORIGINAL_WS_APP_SEND = hypercorn_ws.WSStream.app_send
-# The key of a ``websocket.send`` that carries several text messages (mend 5): only
-# sent when ``batches_installed`` says the running hypercorn understands it.
+# Mend 5's keys, only used when ``batches_installed`` says the running hypercorn
+# understands them: a ``websocket.send`` with several text messages (``TEXTS``) or with
+# whole frames (``FRAMES``, allowed when the accept put ``RAW_FRAMES`` in the scope).
 TEXTS = "tc_events.texts"
+FRAMES = "tc_events.frames"
+RAW_FRAMES = "tc_events.raw_frames"
 _installed = False
 
 
@@ -139,11 +144,20 @@ async def app_send_in_batches(self: hypercorn_ws.WSStream, message: Any) -> None
     """hypercorn (0.18) frames each ``websocket.send`` with wsproto (three copies of the
     payload, in Python) and writes it to the socket on its own: a syscall per message,
     most of a WebSocket's cost when a socket gets many (70% of the server's CPU at 100
-    sockets flat out). A ``websocket.send`` with ``TEXTS`` (a list of UTF-8 texts, as
-    bytes) is framed at once and written in one go, in order; frames are built here
-    when the connection negotiated no extension (wsproto frames them otherwise)."""
-    texts = message.get(TEXTS) if message is not None else None
-    if texts is None or self.closed or message["type"] != "websocket.send":
+    sockets flat out). Here a ``websocket.send`` may carry a batch, written in one go:
+    ``FRAMES``, bytes of whole frames that the application built itself (it may once
+    the accept put ``RAW_FRAMES`` in its scope: no extension was negotiated, so a text
+    frame is a header and the text), or ``TEXTS``, a list of UTF-8 texts (as bytes)
+    that wsproto frames (e.g. with permessage-deflate)."""
+    if message is None or message["type"] != "websocket.send" or self.closed:
+        await ORIGINAL_WS_APP_SEND(self, message)
+        if message is not None and message["type"] == "websocket.accept":
+            connection = getattr(self, "connection", None)
+            if connection is not None and not connection._proto.extensions:
+                self.scope[RAW_FRAMES] = True  # type: ignore[literal-required]
+        return
+    frames, texts = message.get(FRAMES), message.get(TEXTS)
+    if frames is None and texts is None:
         await ORIGINAL_WS_APP_SEND(self, message)
         return
     connection = self.connection
@@ -151,14 +165,12 @@ async def app_send_in_batches(self: hypercorn_ws.WSStream, message: Any) -> None
         return
     if connection.state is not ConnectionState.OPEN:
         return  # closing already: nothing more goes out, as with hypercorn's own send
-    if connection._proto.extensions:  # e.g. permessage-deflate: wsproto's frames
-        data = b"".join(connection.send(TextMessage(data=text.decode())) for text in texts)
-    else:
-        data = b"".join([piece for text in texts for piece in (_text_header(len(text)), text)])
-    await self.send(Data(stream_id=self.stream_id, data=data))
+    if frames is None:
+        frames = b"".join(connection.send(TextMessage(data=text.decode())) for text in texts)
+    await self.send(Data(stream_id=self.stream_id, data=frames))
 
 
-def _text_header(length: int) -> bytes:
+def text_frame_header(length: int) -> bytes:
     """A final, unmasked text frame's header (RFC 6455 5.2), as a server sends it."""
     if length <= 125:
         return bytes((0x81, length))

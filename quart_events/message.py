@@ -36,9 +36,9 @@ class Message:
 
     __slots__ = (
         "_cc",
-        "_encoded",
         "_is_json",
         "_payload",
+        "_shared",
         "body",
         "exchange",
         "headers",
@@ -65,7 +65,7 @@ class Message:
         self._cc: list[str] | None = None
         self._payload: bytes | None = None
         self._is_json = False
-        self._encoded: dict[Encoder, bytes] | None = None
+        self._shared: dict[object, bytes] | None = None
 
     @property
     def cc(self) -> list[str]:
@@ -98,13 +98,20 @@ class Message:
 
     def encoded(self, encoder: Encoder) -> bytes:
         """``encoder.encode(self)``, made once for this message however often asked."""
-        cache = self._encoded
-        if cache is None:
-            cache = self._encoded = {}
-        frame = cache.get(encoder)
+        shared = self.shared
+        frame = shared.get(encoder)
         if frame is None:
-            frame = cache[encoder] = encoder.encode(self)
+            frame = shared[encoder] = encoder.encode(self)
         return frame
+
+    @property
+    def shared(self) -> dict[object, bytes]:
+        """Frames made of this message once for many subscribers, by the key a transport
+        finds them by (its encoder; the 2026 WebSocket's subscription id)."""
+        shared = self._shared
+        if shared is None:
+            shared = self._shared = {}
+        return shared
 
 
 def cc_keys(headers: Mapping[str, Any] | None) -> list[str]:

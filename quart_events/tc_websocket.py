@@ -16,7 +16,6 @@ may read every exchange ``server.allowed_exchanges`` lets through.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -24,6 +23,7 @@ from taskcluster.exceptions import TaskclusterFailure
 from taskcluster.generated.queueevents import QueueEvents
 
 from .bindings import Binding, BindingError, checked
+from .mends import text_frame_header
 from .message import Encoder, Message, strict_json, to_json_bytes
 from .metrics import EndReason
 from .subscribers import BadInput, OverLimit, Subscriber
@@ -62,6 +62,8 @@ class DataEncoder:
 
 
 DATA = DataEncoder()
+DATA_START, DATA_MIDDLE = b'{"type":"data","subscriptionId":"', b'","message":'
+DATA_WRAPPING = len(DATA_START) + len(DATA_MIDDLE) + 1  # and the closing brace
 
 
 class TaskclusterSocket(WebSocketConnection):
@@ -77,6 +79,7 @@ class TaskclusterSocket(WebSocketConnection):
         )
         self.initialised = False
         self.init_timer: asyncio.TimerHandle | None = None
+        self.minted = 0  # subscription ids: a number per socket, never used twice
 
     def opened(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,7 +123,8 @@ class TaskclusterSocket(WebSocketConnection):
         except ProtocolError as error:
             self._error("ProtocolError", str(error))
             return
-        label = uuid.uuid4().hex.encode()
+        self.minted += 1
+        label = str(self.minted).encode()
         admitted = self.subscribers.admit(bindings, self, self.outbox, label)
         if isinstance(admitted, BadInput):
             self._error("ProtocolError", admitted.message)
@@ -191,13 +195,24 @@ class TaskclusterSocket(WebSocketConnection):
     # -- what the hub says, on this wire --------------------------------------------
 
     def ready(self, subscriber: Subscriber) -> bytes:
-        return b'{"type":"subscribe_ack","subscriptionId":"' + subscriber.label + b'"}'
+        return self.wire(b'{"type":"subscribe_ack","subscriptionId":"' + subscriber.label + b'"}')
 
     def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes:
+        """The message's ``data`` frame for one subscription. Ids are numbered per socket,
+        so the first subscription of every socket is ``1``: a whole frame (header and
+        all) is made once per message and id, shared by every socket that takes whole
+        frames, as an SSE frame is by every stream."""
         self.messages += 1
-        return b"".join(
-            (b'{"type":"data","subscriptionId":"', subscriber.label, b'","message":', frame, b"}")
-        )
+        label = subscriber.label
+        if self.raw_frames:
+            shared = message.shared
+            framed = shared.get(label)
+            if framed is None:
+                header = text_frame_header(len(label) + len(frame) + DATA_WRAPPING)
+                framed = b"".join((header, DATA_START, label, DATA_MIDDLE, frame, b"}"))
+                shared[label] = framed
+            return framed
+        return b"".join((DATA_START, label, DATA_MIDDLE, frame, b"}"))
 
     def subscription_failed(self, subscriber: Subscriber, message: str) -> None:
         self._error("SubscriptionError", message, subscriber.label)

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, cast
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, WebsocketScope
 
 from .errors import TOO_SLOW
-from .mends import TEXTS, batches_installed
+from .mends import FRAMES, RAW_FRAMES, TEXTS, batches_installed, text_frame_header
 from .message import Encoder, Message
 from .metrics import EndReason
 from .settings import ServerSettings
@@ -63,6 +63,7 @@ class WebSocketConnection:
         self.writer: asyncio.Task[None] | None = None
         self.timers: list[asyncio.TimerHandle] = []
         self.accepted = False
+        self.raw_frames = False  # outbox frames are whole WebSocket frames (mends.py, 5)
         self.ended = False  # nothing more is written
         self.close_reason = ""  # said with a protocol error's close
         self.opened_at = time.monotonic()
@@ -83,6 +84,7 @@ class WebSocketConnection:
         try:
             await self.send({"type": "websocket.accept", "subprotocol": None, "headers": []})
             self.accepted = True
+            self.raw_frames = cast(dict[str, Any], self.scope).get(RAW_FRAMES) is True
             loop = asyncio.get_running_loop()
             lifetime = self.settings.websocket_lifetime
             self.timers.append(loop.call_later(lifetime, self.close, EndReason.LIFETIME))
@@ -130,8 +132,12 @@ class WebSocketConnection:
         self.close_reason = why
         self.outbox.finish(None, reason)
 
-    def push(self, frame: bytes) -> None:
-        self.outbox.push(frame)
+    def push(self, text: bytes) -> None:
+        self.outbox.push(self.wire(text))
+
+    def wire(self, text: bytes) -> bytes:
+        """A text message as the outbox holds it: a whole frame when the socket allows."""
+        return text_frame_header(len(text)) + text if self.raw_frames else text
 
     # -- what each protocol says ----------------------------------------------------
 
@@ -181,15 +187,20 @@ class WebSocketConnection:
         outbox, send = self.outbox, self.send
         try:
             while outbox.frames:
-                frames = outbox.take_each()
-                outbox.sending(sum(len(frame) for frame in frames))
-                try:
-                    if batches_installed():  # one write for all of them (mends.py, 5)
-                        await send(cast(Any, {"type": "websocket.send", TEXTS: frames}))
+                if self.raw_frames:  # whole frames, one write (mends.py, 5)
+                    chunk = outbox.take()
+                    messages: list[dict[str, Any]] = [{"type": "websocket.send", FRAMES: chunk}]
+                    outbox.sending(len(chunk))
+                else:
+                    frames = outbox.take_each()
+                    if batches_installed():  # texts, one write (mends.py, 5)
+                        messages = [{"type": "websocket.send", TEXTS: frames}]
                     else:
-                        for frame in frames:
-                            text = frame.decode()
-                            await send(cast(Any, {"type": "websocket.send", "text": text}))
+                        messages = [{"type": "websocket.send", "text": f.decode()} for f in frames]
+                    outbox.sending(sum(len(frame) for frame in frames))
+                try:
+                    for message in messages:
+                        await send(cast(Any, message))
                 finally:
                     outbox.sent()
             if outbox.finished:

@@ -132,6 +132,48 @@ async def test_data_frames_carry_the_whole_cc_and_match_routes_once_per_subscrip
             assert frame["message"]["payload"] == "not json" and frame["message"]["cc"] == []
 
 
+SIZES = [10, 300, 70_000]  # bodies whose frames have each header form (7, 16, 64-bit length)
+
+
+async def test_whole_frames_and_deflated_frames_carry_the_same_data(
+    server: EventsServer, exchange_name: str
+) -> None:
+    """Sockets that negotiated no extension get frames the server builds whole (one per
+    message and subscription id, shared by those sockets); one with permessage-deflate
+    gets wsproto's. Each gets every message once per matching subscription, intact."""
+    async with (
+        socket(server, compression=None) as plain,
+        socket(server, compression=None) as other_plain,
+        socket(server) as deflated,
+    ):
+        plain_answer, deflated_answer = plain.connection.response, deflated.connection.response
+        assert plain_answer is not None and deflated_answer is not None
+        assert "sec-websocket-extensions" not in plain_answer.headers
+        assert "permessage-deflate" in deflated_answer.headers["sec-websocket-extensions"]
+        clients = [plain, other_plain, deflated]
+        patterns: list[dict[str, str]] = []  # per client: subscription id -> pattern
+        for client in clients:
+            ids = {}
+            for pattern in ("a.#", "#.b"):
+                ids[await client.subscribe([binding(exchange_name, pattern)])] = pattern
+            assert len(ids) == 2
+            patterns.append(ids)
+        expected = []
+        for size in SIZES:
+            for key, matching in (("a.b", ["a.#", "#.b"]), ("a.x", ["a.#"]), ("x.b", ["#.b"])):
+                body = {"key": key, "pad": "x" * size}
+                await publish(exchange_name, key, json.dumps(body).encode())
+                expected += [(pattern, key, body) for pattern in matching]
+        for client, ids in zip(clients, patterns, strict=True):
+            heard = []
+            for _ in expected:
+                frame = await client.recv()
+                assert frame["type"] == "data" and frame["message"]["exchange"] == exchange_name
+                message, pattern = frame["message"], ids[frame["subscriptionId"]]
+                heard.append((pattern, message["routingKey"], message["payload"]))
+            assert sorted(heard, key=repr) == sorted(expected, key=repr)
+
+
 async def test_one_queue_binding_for_a_websocket_and_a_stream_with_the_same_binding(
     server: EventsServer, exchange_name: str
 ) -> None:

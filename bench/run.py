@@ -385,7 +385,7 @@ def idle(
         generator = LoadGenerator(
             Job(kind, server.port, exchange, "bench.#", streams, count_pings=kind == "sse"), 4
         )
-        ready, failures, _ = generator.start()
+        ready, failures, first_failure = generator.start()
         cpu: Row = {}
         with cpu_seconds(cpu, server.process.pid):
             held = time.time()
@@ -405,6 +405,7 @@ def idle(
         "slowest_health_ms": health_ms,
         **cpu,
         "subscriber_cores": subscriber_cores(report, held),
+        **({"first_failure": first_failure} if failures else {}),
     }
 
 

@@ -66,8 +66,10 @@ class Hub:
         self.counts = counts or Counts()
         self.subscribers: set[Subscriber] = set()
         # Connections that carry subscribers of their own choosing (WebSocket), by their
-        # outbox: each counts as a stream, and shutdown ends it.
-        self.connections: set[Outbox] = set()
+        # outbox, with how many they carry; shutdown ends them. One that carries none
+        # counts as a stream (it holds a socket), one that carries some as those.
+        self.connections: dict[Outbox, int] = {}
+        self._carrying = 0  # connections that carry at least one subscriber
         self.budget = Budget(max_buffered_bytes(settings), self._over_budget)
         self.shutting_down = False
         self._waiting: dict[SharedBinding, set[Subscriber]] = {}
@@ -87,6 +89,10 @@ class Hub:
         Admission (``Subscribers.admit``) decides first whether it may."""
         subscriber = Subscriber(bindings, transport, outbox, label)
         self.subscribers.add(subscriber)
+        carried = self.connections.get(outbox)
+        if carried is not None:
+            self.connections[outbox] = carried + 1
+            self._carrying += carried == 0
         shared = self.shared
         subscriber.shares = [shared.acquire(binding, subscriber) for binding in subscriber.bindings]
         # The shared (equal) instances: subscribers with the same bindings, the common
@@ -104,9 +110,23 @@ class Hub:
         subscriber.deadline = loop.call_later(self.wait_for_broker, self._give_up, subscriber)
         return subscriber
 
-    def open_count(self) -> int:
-        """What counts against ``server.max_streams``: subscribers and connections."""
-        return len(self.subscribers) + len(self.connections)
+    def open_count(self, joining: Outbox | None = None) -> int:
+        """What counts against ``server.max_streams``: subscribers (a stream, a WebSocket
+        subscription), and connections that carry none yet; without the connection
+        ``joining`` if its first subscriber would take its place."""
+        count = len(self.subscribers) + len(self.connections) - self._carrying
+        return count - 1 if joining is not None and self.connections.get(joining) == 0 else count
+
+    def connect(self, outbox: Outbox) -> None:
+        """A connection whose client opens subscribers of its choosing (a WebSocket)."""
+        self.connections[outbox] = 0
+
+    def disconnect(self, outbox: Outbox, subscribers: Iterable[Subscriber]) -> None:
+        """The connection is gone, and with it the subscribers it carried."""
+        if self.connections.pop(outbox, 0):
+            self._carrying -= 1
+        for subscriber in subscribers:
+            self.leave(subscriber)
 
     def leave(self, subscriber: Subscriber, peer: str | None = None) -> None:
         """Forget a subscriber (its client left, or its end was written); release what it
@@ -115,6 +135,10 @@ class Hub:
             return
         self.subscribers.discard(subscriber)
         self._unconfirmed.discard(subscriber)
+        carried = self.connections.get(subscriber.outbox)
+        if carried is not None:
+            self.connections[subscriber.outbox] = carried - 1
+            self._carrying -= carried == 1
         reason = subscriber.why_ended
         if subscriber.end_reason is None:
             subscriber.end_reason = reason

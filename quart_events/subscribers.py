@@ -173,7 +173,7 @@ class Subscribers:
         if hub.shutting_down:
             self.opened.labels(Outcome.SHUTTING_DOWN).inc()
             return ShuttingDown(retry_ms(settings))
-        if hub.open_count() >= settings.max_streams:
+        if hub.open_count(outbox) >= settings.max_streams:
             self.opened.labels(Outcome.OVER_LIMIT).inc()
             return OverLimit("Too many streams on this server", retry_ms(settings))
         fits, never = hub.binding_room(bindings)
@@ -186,21 +186,19 @@ class Subscribers:
 
     def connect(self, outbox: Outbox) -> Refusal | None:
         """A connection that will carry subscribers of its own choosing (a WebSocket):
-        ``None`` when it may open. It counts as a stream, and shutdown ends it even
-        when it carries no subscriber."""
+        ``None`` when it may open. Until it carries one it counts as a stream, and
+        shutdown ends it even when it carries none."""
         hub, settings = self.hub, self.settings
         if hub.shutting_down:
             return ShuttingDown(retry_ms(settings))
         if hub.open_count() >= settings.max_streams:
             return OverLimit("Too many streams on this server", retry_ms(settings))
-        hub.connections.add(outbox)
+        hub.connect(outbox)
         return None
 
     def disconnect(self, outbox: Outbox, subscribers: Iterable[Subscriber] = ()) -> None:
         """The connection is gone, and with it the subscribers it carried."""
-        self.hub.connections.discard(outbox)
-        for subscriber in subscribers:
-            self.hub.leave(subscriber)
+        self.hub.disconnect(outbox, subscribers)
 
     def bad_input(self, message: str) -> BadInput:
         """A request the transport found bad (counted like the ones found here)."""

@@ -393,21 +393,33 @@ async def test_unknown_paths_get_404_and_a_listed_origin_is_needed() -> None:
 async def test_over_the_stream_limit_the_upgrade_gets_503_with_retry_after(
     exchange_name: str,
 ) -> None:
+    """A socket counts as one stream until it subscribes, then as its subscriptions (a
+    socket with one subscription as much as an SSE stream)."""
     env = {"TC_EVENTS_SERVER__MAX_STREAMS": "2", "TC_EVENTS_SERVER__RETRY_MIN_MS": "2000"}
     with EventsServer.running(env) as server:
-        async with socket(server) as first:
-            await first.subscribe([binding(exchange_name)])  # the socket and one subscription
+        async with socket(server) as first, socket(server) as second:
+            await first.subscribe([binding(exchange_name)])
             with pytest.raises(websockets.InvalidStatus) as refused:
                 async with websockets.connect(f"ws://127.0.0.1:{server.port}/subscription/raw"):
                     pass
             response = refused.value.response
             assert response.status_code == 503
             assert 2 <= int(response.headers["Retry-After"]) <= 10
-            # A subscription over the limit on a socket already open is told so.
+            # The open socket's first subscription takes the socket's place.
+            taken = await second.subscribe([binding(exchange_name, "y")])
+            # One more, on a socket already open, is over the limit and told so.
             await first.send({"type": "subscribe", "bindings": [binding(exchange_name, "x")]})
             error = await first.recv()
             assert error["code"] == "SubscriptionError"
             assert error["message"] == "Too many streams on this server; retry later."
+            # A socket left without subscriptions counts again; once it closes, one fits.
+            await second.send({"type": "unsubscribe", "subscriptionId": taken})
+            await wait_until(lambda: server.stats()["streams"] == 1)
+            await first.send({"type": "subscribe", "bindings": [binding(exchange_name, "x")]})
+            assert (await first.recv())["code"] == "SubscriptionError"
+            await second.connection.close()
+            await wait_until(lambda: server.stats()["connections"] == 1)
+            await first.subscribe([binding(exchange_name, "x")])
 
 
 async def test_the_lifetime_ends_a_socket_with_4408() -> None:

@@ -18,6 +18,7 @@ from quart import Quart, Response, send_file
 
 from .broker import Broker
 from .connect import ConnectEndpoint
+from .history import History
 from .hub import Hub
 from .legacy_websocket import PATHS as LEGACY_PATHS
 from .legacy_websocket import LegacySocket
@@ -68,11 +69,12 @@ def create_app(
     broker.attach(hub)
     shared.attach(hub)
     subscribers = Subscribers(hub, settings.server, metrics)
+    history = History(settings.pulse, settings.history)
     app = Quart(__name__, static_folder=str(STATIC))
     # Requests reach the SSE endpoint first, then the WebSocket routes; the rest, Quart.
     sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server, metrics)
-    endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts)
-    service = Service(settings, broker, shared, hub, metrics, websockets=sockets.stats)
+    endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts, history)
+    service = Service(settings, broker, shared, hub, metrics, history, websockets=sockets.stats)
 
     app.config["SEND_FILE_MAX_AGE_DEFAULT"] = None  # revalidated: a new version shows at once
     app.extensions["tc_events"] = service

@@ -12,6 +12,7 @@ this module only translates its answers to SSE.
 from __future__ import annotations
 
 import asyncio
+import re
 import urllib.parse
 from collections.abc import Iterable
 
@@ -24,11 +25,13 @@ from hypercorn.typing import (
 )
 
 from . import sse
-from .bindings import BindingError, parse_bindings
+from .bindings import Binding, BindingError, parse_bindings
 from .errors import TOO_SLOW
-from .message import Encoder, Message
+from .history import History
+from .message import Encoder, Message, to_json
 from .metrics import Counts, EndReason
 from .outbox import Outbox, no_op
+from .resume import Resumed
 from .settings import ServerSettings
 from .subscribers import (
     BadInput,
@@ -50,6 +53,9 @@ STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 TOO_SLOW_FRAME = sse.error(TOO_SLOW)
+# A resumable stream's: no id, so the EventSource comes back and resumes where it was.
+RESUMABLE_TOO_SLOW = sse.unnumbered("error", to_json(TOO_SLOW))
+POSITION = re.compile(r"[0-9]{1,18}")  # a stream offset (within a 64-bit integer)
 
 
 class SseTransport:
@@ -84,6 +90,24 @@ class SseTransport:
             outbox.finish(sse.error(detail or ""), reason)
 
 
+class ResumableTransport(SseTransport):
+    """A resumable stream (``resume=true``): its messages come from the history
+    (``history.Reader``), not from the hub, so the hub only pings it, says nothing on
+    its ``ready`` (the reader's is what counts) and ends it; only messages carry ids."""
+
+    def ready(self, subscriber: Subscriber) -> None:  # type: ignore[override]
+        return None
+
+    def ping(self) -> bytes:
+        return sse.unnumbered("ping", sse.ping_data())
+
+    def end(self, subscriber: Subscriber, reason: EndReason, detail: str | None) -> None:
+        if reason is EndReason.SHUTDOWN:
+            subscriber.outbox.finish(sse.come_back(retry_ms(self.settings)), reason)
+        else:
+            super().end(subscriber, reason, detail)
+
+
 class ConnectEndpoint:
     """Serves GET on the connect paths; passes every other request on to ``app``."""
 
@@ -93,12 +117,15 @@ class ConnectEndpoint:
         subscribers: Subscribers,
         settings: ServerSettings,
         counts: Counts,
+        history: History,
     ) -> None:
         self.app = app
         self.subscribers = subscribers
         self.settings = settings
         self.counts = counts
+        self.history = history
         self.transport = SseTransport(settings)
+        self.resumable = ResumableTransport(settings)
         self.cors = [(b"access-control-allow-origin", settings.cors_allow_origin.encode())]
 
     async def __call__(
@@ -137,8 +164,12 @@ class ConnectEndpoint:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         settings = self.settings
-        reconnecting, event_source = _what_the_headers_say(scope)
-        if reconnecting:
+        last_event_id, event_source = _what_the_headers_say(scope)
+        query = _query(scope)
+        resume = query.get("resume", [""])[0] == "true"
+        # 204 stops an EventSource: one that reconnects after its stream ended (its
+        # error's id is ``-``), unless it resumes from a position.
+        if last_event_id is not None and (not resume or last_event_id in {"", "-"}):
             # An EventSource reconnecting after its stream ended: tell it to stop.
             await send({"type": "http.response.start", "status": 204, "headers": self.cors})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -148,13 +179,24 @@ class ConnectEndpoint:
             await self._plain(send, 414, f"Request line too long: at most {limit} bytes.\n")
             return
         client = _Client(send, self.counts)
+        resumed: Resumed | None = None
         try:
-            bindings = parse_bindings(_bindings_parameter(scope), settings.limits())
+            bindings = parse_bindings(_first(query, "bindings"), settings.limits())
+            if resume:
+                resumed = self._resumed(bindings, last_event_id, _first(query, "since"))
         except BindingError as error:
             admitted: Subscriber | Refusal = self.subscribers.bad_input(str(error))
         else:
-            outbox = self.subscribers.outbox(client.frames_waiting, client.abort, TOO_SLOW_FRAME)
-            admitted = self.subscribers.admit(bindings, self.transport, outbox)
+            if resumed is None:
+                outbox = self.subscribers.outbox(
+                    client.frames_waiting, client.abort, TOO_SLOW_FRAME
+                )
+                admitted = self.subscribers.admit(bindings, self.transport, outbox)
+            else:  # its bindings are its reader's: the hub only pings it and ends it
+                outbox = self.subscribers.outbox(
+                    client.frames_waiting, client.abort, RESUMABLE_TOO_SLOW
+                )
+                admitted = self.subscribers.admit((), self.resumable, outbox)
             del bindings  # this frame lives as long as the stream: keep it small
         if not isinstance(admitted, Subscriber):
             await self._refuse(send, event_source, admitted)
@@ -163,6 +205,8 @@ class ConnectEndpoint:
         try:
             await self._start_stream(send)
             client.start()  # what the hub put in the outbox meanwhile goes out now
+            if resumed is not None:
+                await resumed.open(admitted.outbox, retry_ms(settings))
             # The request's own task only waits for the client to leave; frames are
             # written by a task that exists while there is something to write.
             while (await receive())["type"] != "http.disconnect":
@@ -172,6 +216,8 @@ class ConnectEndpoint:
             if not client.ended or asyncio.current_task().uncancel():  # type: ignore[union-attr]
                 raise
         finally:
+            if resumed is not None:
+                resumed.close()
             client.stop()  # closing the outbox below must not start a writer
             admitted.outbox.close()  # nothing more is written: its frames leave the budget
             peer = scope["client"] if settings.log_client_address else None
@@ -180,6 +226,21 @@ class ConnectEndpoint:
             # a closed connection waits for the garbage collector.
             admitted.outbox.on_frames = admitted.outbox.on_abort = no_op
             client.outbox = client.request_task = None
+
+    def _resumed(
+        self, bindings: list[Binding], last_event_id: str | None, since: str | None
+    ) -> Resumed:
+        """A resumable stream's request: ``BindingError`` if it cannot be one."""
+        if not self.history.enabled:
+            raise BindingError("This server keeps no history: `resume=true` is not available")
+        position = last_event_id if last_event_id is not None else since
+        if position is not None and not POSITION.fullmatch(position):
+            what = "Last-Event-ID" if last_event_id is not None else "`since`"
+            raise BindingError(f"{what} must be a position: a whole number from a message's id")
+        for binding in bindings:
+            if not self.history.keeps(binding.exchange):
+                raise BindingError(f"No history is kept for exchange `{binding.exchange}`")
+        return Resumed(self.history, bindings, None if position is None else int(position))
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool, refusal: Refusal) -> None:
         """Bad input: a stream of its ``error``. Shutting down: a stream that ends at once
@@ -278,24 +339,27 @@ def _pieces(chunk: bytes) -> list[bytes]:
     return [chunk[start : start + MAX_WRITE] for start in range(0, len(chunk), MAX_WRITE)]
 
 
-def _what_the_headers_say(scope: HTTPScope) -> tuple[bool, bool]:
-    """(an EventSource reconnecting: it sent ``Last-Event-ID``, the client accepts
-    ``text/event-stream``). No dict of headers: the request's frame outlives this, and
-    a server holds thousands of them."""
-    reconnecting = event_source = False
+def _what_the_headers_say(scope: HTTPScope) -> tuple[str | None, bool]:
+    """(the ``Last-Event-ID`` an EventSource sends when it reconnects, whether the
+    client accepts ``text/event-stream``). No dict of headers: the request's frame
+    outlives this, and a server holds thousands of them."""
+    last_event_id, event_source = None, False
     for name, value in scope["headers"]:
         name = name.lower()
         if name == b"last-event-id":
-            reconnecting = True
+            last_event_id = value.decode("latin-1").strip()
         elif name == b"accept" and b"text/event-stream" in value:
             event_source = True
-    return reconnecting, event_source
+    return last_event_id, event_source
 
 
-def _bindings_parameter(scope: HTTPScope) -> str | None:
-    """The first ``bindings`` query parameter; other parameters are ignored."""
-    query = urllib.parse.parse_qs(
+def _query(scope: HTTPScope) -> dict[str, list[str]]:
+    return urllib.parse.parse_qs(
         scope["query_string"].decode("utf-8", "replace"), keep_blank_values=True, errors="replace"
     )
-    values = query.get("bindings")
+
+
+def _first(query: dict[str, list[str]], name: str) -> str | None:
+    """The first value of a query parameter; other parameters are ignored."""
+    values = query.get(name)
     return values[0] if values else None

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .broker import Broker
 from .descriptors import DescriptorWatch
+from .history import History
 from .hub import Hub
 from .metrics import Metrics
 from .settings import Settings
@@ -33,6 +34,7 @@ class Service:
     shared: SharedBindings
     hub: Hub
     metrics: Metrics
+    history: History
     started_at: float = field(default_factory=time.monotonic)
     timers: list[asyncio.Task[None]] = field(default_factory=list)
     descriptors: DescriptorWatch | None = None  # set when serving: the open files limit
@@ -47,8 +49,10 @@ class Service:
         self.shared.start()
         try:
             await self.broker.start(connect_in_background=self.settings.pulse.start_without_broker)
+            await self.history.start(in_background=self.settings.pulse.start_without_broker)
         except BaseException:
             await self.shared.stop()
+            await self.broker.close()
             raise
         self.timers = [
             asyncio.ensure_future(every(self.settings.server.ping_interval, self.tick)),
@@ -82,6 +86,7 @@ class Service:
         self.hub.begin_shutdown()
         for timer in timers:
             timer.cancel()
+        await self.history.stop()
         await self.shared.stop()
         await self.broker.close()
         self.flush_metrics()

@@ -200,6 +200,16 @@ class PulseSettings(BaseModel):
         return self
 
 
+class HistorySettings(BaseModel):
+    """What the deployment keeps for resumable streams (``history.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exchanges: list[str] = []  # shell patterns of the exchanges kept; none: no history
+    max_age: str = Field(default="1D", pattern=r"^[0-9]+(Y|M|D|h|m|s)$")  # RabbitMQ's x-max-age
+    max_bytes: int = Field(default=2**30, ge=2**20)  # the stream's x-max-length-bytes
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
@@ -207,6 +217,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings
     pulse: PulseSettings
+    history: HistorySettings = HistorySettings()
 
 
 class _TaskclusterEnv(PydanticBaseSettingsSource):

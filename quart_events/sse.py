@@ -25,9 +25,13 @@ READY = event("ready", "{}")
 
 
 def ping(now: datetime | None = None) -> bytes:
+    return event("ping", ping_data(now))
+
+
+def ping_data(now: datetime | None = None) -> str:
     now = now or datetime.now(UTC)
     stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
-    return event("ping", to_json({"time": stamp}))
+    return to_json({"time": stamp})
 
 
 def error(message: str) -> bytes:
@@ -74,3 +78,32 @@ def message_data_parts(message: Message) -> tuple[bytes, ...]:
         }
     )
     return b'{"payload":', message.payload, b",", rest[1:]
+
+
+# -- resumable streams (``resume=true``): only messages carry an id, their position ----
+
+
+def unnumbered(name: str, data: str) -> bytes:
+    """An event of a resumable stream other than a message: no ``id:`` line, so the
+    browser's last event id stays the last message's."""
+    return f"event: {name}\ndata: {data}\n\n".encode()
+
+
+RESUMABLE_READY = unnumbered("ready", "{}")
+
+
+def message_at(message: Message, position: int) -> bytes:
+    """A resumable stream's ``message`` frame: its id is the message's position."""
+    data = b"".join(message_data_parts(message))
+    return b"event: message\ndata: " + data + f"\nid: {position}\n\n".encode()
+
+
+def gap(asked: int, earliest: int) -> bytes:
+    """What was asked for is gone (retention): the client should re-check its state."""
+    return unnumbered("gap", to_json({"from": asked, "earliest": earliest}))
+
+
+def come_back(retry_ms: int) -> bytes:
+    """A resumable stream's last frame on shutdown: come back after ``retry_ms``, with
+    the id kept (the reconnect sends it as ``Last-Event-ID`` and resumes from there)."""
+    return f"event: {RECONNECT}\ndata: {{}}\nretry: {int(retry_ms)}\n\n".encode()

@@ -17,6 +17,7 @@ from hypercorn.typing import ASGIReceiveEvent, ASGISendEvent, HTTPScope, Scope
 
 from quart_events import sse
 from quart_events.connect import ConnectEndpoint
+from quart_events.history import History
 from quart_events.hub import Hub
 from quart_events.metrics import Counts, Metrics
 from quart_events.settings import load_settings
@@ -112,7 +113,8 @@ def serve(**server: Any) -> Served:
     shared.attach(hub)
     shared.start()
     subscribers = Subscribers(hub, settings.server, metrics)
-    endpoint = ConnectEndpoint(not_found, subscribers, settings.server, counts)
+    history = History(settings.pulse, settings.history)  # none kept: never connects
+    endpoint = ConnectEndpoint(not_found, subscribers, settings.server, counts, history)
     return Served(endpoint, hub, binder)
 
 

@@ -106,16 +106,19 @@ def cpu_of(pid: int) -> float:
 class Server:
     process: subprocess.Popen[bytes]
     port: int
+    namespace: str = ""
 
 
 @contextmanager
-def events_server(**settings: str) -> Iterator[Server]:
+def events_server(extra_env: dict[str, str] | None = None, **settings: str) -> Iterator[Server]:
+    """A server of ``server.*`` ``settings`` (and any other variables in ``extra_env``)."""
     port = free_port()
     env = {
         **os.environ,
         "PULSE_NAMESPACE": f"bench-{uuid.uuid4().hex[:6]}",
         "TC_EVENTS_SERVER__MAX_STREAMS": "50000",
         **{f"TC_EVENTS_SERVER__{key.upper()}": value for key, value in settings.items()},
+        **(extra_env or {}),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "quart_events", "server", "--port", str(port)],
@@ -133,7 +136,7 @@ def events_server(**settings: str) -> Iterator[Server]:
                 raise RuntimeError("tc-events did not start") from None
             time.sleep(0.05)
     try:
-        yield Server(process, port)
+        yield Server(process, port, env["PULSE_NAMESPACE"])
     finally:
         process.terminate()
         process.wait(30)

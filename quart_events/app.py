@@ -72,7 +72,7 @@ def create_app(
     history = History(settings.pulse, settings.history)
     app = Quart(__name__, static_folder=str(STATIC))
     # Requests reach the SSE endpoint first, then the WebSocket routes; the rest, Quart.
-    sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server, metrics)
+    sockets = WebSocketRoutes(app.asgi_app, subscribers, settings.server, metrics, history)
     endpoint = ConnectEndpoint(sockets, subscribers, settings.server, counts, history)
     service = Service(settings, broker, shared, hub, metrics, history, websockets=sockets.stats)
 
@@ -96,11 +96,13 @@ class WebSocketRoutes:
         subscribers: Subscribers,
         settings: ServerSettings,
         metrics: Metrics,
+        history: History,
     ):
         self.app = app
         self.subscribers = subscribers
         self.settings = settings
         self.metrics = metrics
+        self.history = history
         self.open: set[WebSocketConnection] = set()
         self.frames_of_ended = dict.fromkeys(WEBSOCKET_PROTOCOLS, 0)
 
@@ -127,7 +129,7 @@ class WebSocketRoutes:
         parts = (scope, send, self.subscribers, self.settings)
         connection: WebSocketConnection
         if path in TC_PATHS:
-            connection = TaskclusterSocket(TC_PATHS[path], *parts)
+            connection = TaskclusterSocket(TC_PATHS[path], self.history, *parts)
         elif path.rstrip("/") in LEGACY_PATHS:
             connection = LegacySocket(*parts)
         else:
@@ -158,6 +160,7 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
             {
                 **hub.stats(),
                 "websockets": service.websockets(),
+                "history": service.history.stats(),
                 "broker_connected": broker.is_connected,
                 "broker_reconnects": broker.reconnects,
                 "tasks": len(asyncio.all_tasks()),

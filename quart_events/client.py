@@ -2,8 +2,10 @@
 
 ``listen`` follows a stream with an SSE client library (httpx-sse), the way an
 EventSource does: it comes back after the server's reconnect frame (shutdown, or
-the stream limit) and stops on an ``error`` event. ``publish`` sends a JSON body to
-a topic exchange with the task's routes in the ``CC`` header.
+the stream limit) and stops on an ``error`` event; with ``resume`` it comes back
+with the last message's position (``Last-Event-ID``) and misses nothing.
+``publish`` sends a JSON body to a topic exchange with the task's routes in the
+``CC`` header.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class Listener:
     on_status: Callable[[str], None] = lambda _: None
     count: int = 0
     received: int = 0
+    resume: bool = False  # ``resume=true``: come back after the last message seen
+    position: int | None = None  # where it is (``since`` at first; the last message's id)
 
     async def run(self) -> None:
         parse_bindings(self.bindings_json)  # the server's own check, before any request
@@ -56,7 +60,14 @@ class Listener:
                 retry_ms = 1000
                 try:
                     params = {"bindings": self.bindings_json}
-                    async with aconnect_sse(client, "GET", url, params=params) as source:
+                    headers = {}
+                    if self.resume:
+                        params["resume"] = "true"
+                        if self.position is not None:  # as an EventSource's Last-Event-ID
+                            headers["Last-Event-ID"] = str(self.position)
+                    async with aconnect_sse(
+                        client, "GET", url, params=params, headers=headers
+                    ) as source:
                         if source.response.status_code != 200:
                             raise ServerError(f"the server answered {source.response.status_code}")
                         self.on_status("connected")
@@ -101,8 +112,15 @@ class Listener:
                 self.on_status("ready: waiting for messages")
             elif event.event == "error":
                 raise ServerError(json.loads(event.data))
+            elif event.event == "gap":
+                gap = json.loads(event.data)
+                self.on_status(
+                    f"gap: messages after {gap['from']} are gone; replaying from {gap['earliest']}"
+                )
             elif event.event == "message" and event.data:
                 self.on_message(json.loads(event.data))
+                if self.resume and event.id.isdigit():
+                    self.position = int(event.id)
                 self.received += 1
                 if self.received == self.count:
                     return retry_ms

@@ -108,6 +108,29 @@ class ResumableTransport(SseTransport):
             super().end(subscriber, reason, detail)
 
 
+class SseResumeWire:
+    """A resumable stream's frames (``resume.Wire``): ids only on messages."""
+
+    def __init__(self, outbox: Outbox, retry_ms: int) -> None:
+        self.outbox = outbox
+        self.retry_ms = retry_ms
+
+    def ready(self) -> bytes:
+        return sse.RESUMABLE_READY
+
+    def message(self, position: int, message: Message) -> bytes:
+        return sse.message_at(message, position)
+
+    def gap(self, asked: int, earliest: int) -> bytes:
+        return sse.gap(asked, earliest)
+
+    def failed(self, why: str) -> None:
+        self.outbox.finish(sse.error(why), EndReason.ERROR)  # id ``-``: it stops (204)
+
+    def lost(self) -> None:
+        self.outbox.finish(sse.come_back(self.retry_ms), EndReason.ERROR)
+
+
 class ConnectEndpoint:
     """Serves GET on the connect paths; passes every other request on to ``app``."""
 
@@ -183,11 +206,11 @@ class ConnectEndpoint:
         try:
             bindings = parse_bindings(_first(query, "bindings"), settings.limits())
             if resume:
-                resumed = self._resumed(bindings, last_event_id, _first(query, "since"))
+                position = self._position(bindings, last_event_id, _first(query, "since"))
         except BindingError as error:
             admitted: Subscriber | Refusal = self.subscribers.bad_input(str(error))
         else:
-            if resumed is None:
+            if not resume:
                 outbox = self.subscribers.outbox(
                     client.frames_waiting, client.abort, TOO_SLOW_FRAME
                 )
@@ -197,6 +220,8 @@ class ConnectEndpoint:
                     client.frames_waiting, client.abort, RESUMABLE_TOO_SLOW
                 )
                 admitted = self.subscribers.admit((), self.resumable, outbox)
+                wire = SseResumeWire(outbox, retry_ms(settings))
+                resumed = Resumed(self.history, bindings, position, wire)
             del bindings  # this frame lives as long as the stream: keep it small
         if not isinstance(admitted, Subscriber):
             await self._refuse(send, event_source, admitted)
@@ -206,7 +231,7 @@ class ConnectEndpoint:
             await self._start_stream(send)
             client.start()  # what the hub put in the outbox meanwhile goes out now
             if resumed is not None:
-                await resumed.open(admitted.outbox, retry_ms(settings))
+                await resumed.open(admitted.outbox)
             # The request's own task only waits for the client to leave; frames are
             # written by a task that exists while there is something to write.
             while (await receive())["type"] != "http.disconnect":
@@ -227,10 +252,11 @@ class ConnectEndpoint:
             admitted.outbox.on_frames = admitted.outbox.on_abort = no_op
             client.outbox = client.request_task = None
 
-    def _resumed(
+    def _position(
         self, bindings: list[Binding], last_event_id: str | None, since: str | None
-    ) -> Resumed:
-        """A resumable stream's request: ``BindingError`` if it cannot be one."""
+    ) -> int | None:
+        """A resumable stream's position (none: from now on); ``BindingError`` if it
+        cannot be one."""
         if not self.history.enabled:
             raise BindingError("This server keeps no history: `resume=true` is not available")
         position = last_event_id if last_event_id is not None else since
@@ -240,7 +266,7 @@ class ConnectEndpoint:
         for binding in bindings:
             if not self.history.keeps(binding.exchange):
                 raise BindingError(f"No history is kept for exchange `{binding.exchange}`")
-        return Resumed(self.history, bindings, None if position is None else int(position))
+        return None if position is None else int(position)
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool, refusal: Refusal) -> None:
         """Bad input: a stream of its ``error``. Shutting down: a stream that ends at once

@@ -50,6 +50,9 @@ from .topic import TopicTrie
 log = logging.getLogger(__name__)
 
 PREFETCH = 200  # messages the broker sends a reader ahead of its acknowledgements
+# Readers (a channel each) per AMQP connection: RabbitMQ allows 2,047 channels on one
+# and closes the whole connection past it; more readers open more connections.
+READERS_PER_CONNECTION = 1000
 ROOM = 0.5  # a reader acknowledges while its outbox is below this share of its bound
 PACE = 0.05  # seconds between looks at a full outbox
 EXCHANGE, ROUTING_KEY, CC, REDELIVERED = "x-tc-exchange", "x-tc-routing-key", "x-tc-cc", "x-tc-re"
@@ -82,12 +85,22 @@ class History:
         self.retrying: asyncio.Future[None] | None = None
         self.stopping = False
         self.tasks: set[asyncio.Future[None]] = set()
+        self.connected = asyncio.Event()  # readers may be opened
+        self.links: list[ReaderLink] = []
 
     def later(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background (kept here until it is done)."""
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def stats(self) -> dict[str, int | bool]:
+        """For operators and tests: whether it is connected, its readers, what it wrote."""
+        return {
+            "connected": self.connected.is_set(),
+            "readers": len(self.readers),
+            "written": self.written,
+        }
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +131,7 @@ class History:
                 "x-queue-type": "stream",
                 "x-max-age": self.settings.max_age,
                 "x-max-length-bytes": self.settings.max_bytes,
+                "x-stream-max-segment-size-bytes": self.settings.segment_bytes,
             },
         )
         feed = await channel.declare_queue(
@@ -126,6 +140,7 @@ class History:
         await channel.set_qos(prefetch_count=PREFETCH)
         self.writer = channel
         await feed.consume(self._write)
+        self.connected.set()
 
     async def stop(self) -> None:
         self.stopping = True
@@ -133,20 +148,24 @@ class History:
             self.retrying.cancel()
         for reader in list(self.readers):
             reader.stop()
+        links, self.links = self.links, []
+        connections = [link.connection for link in links]
         if self.connection is not None:
             self.connection.close_callbacks.discard(self._lost)
-            with contextlib.suppress(Exception):
-                await self.connection.close()
+            connections.append(self.connection)
             self.connection = None
+        for connection in connections:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
     def _lost(self, *_: Any) -> None:
-        """The history's connection is gone: its readers end (their clients resume from
-        their last position elsewhere or here once it is back)."""
-        log.warning("history: the broker connection was lost; resumed streams end")
+        """The history's own connection (the writer's, the feed's bindings) is gone: new
+        readers wait until it is back. Readers have connections of their own; one that
+        is lost ends its readers (their clients resume from their last position)."""
+        log.warning("history: the broker connection was lost; reconnecting")
         self.connection = self.writer = self.binder = None
+        self.connected.clear()
         self.kept.clear()
-        for reader in list(self.readers):
-            reader.lost()
         if not self.stopping:
             self.retrying = asyncio.ensure_future(self._reconnect())
 
@@ -218,9 +237,41 @@ class History:
         if self.connection is None:
             raise BrokerUnavailable("the history is not reachable")
         reader = Reader(self, bindings, since, outbox, on_message, on_gap, on_lost)
-        await reader.start(self.connection)
+        link = await self._link()
+        link.readers.add(reader)
+        reader.link = link
+        try:
+            await reader.start(link.connection)
+        except BaseException:
+            reader.stop()
+            raise
         self.readers.add(reader)
         return reader
+
+    async def _link(self) -> ReaderLink:
+        """A connection for one more reader: one with room, else a new one."""
+        for link in self.links:
+            if len(link.readers) < READERS_PER_CONNECTION and not link.connection.is_closed:
+                return link
+        connection = await open_connection(self.pulse, self.pulse.nodes[0], "tc-events readers")
+        link = ReaderLink(connection)
+        self.links.append(link)
+        connection.close_callbacks.add(lambda *_: self._link_lost(link))
+        return link
+
+    def _link_lost(self, link: ReaderLink) -> None:
+        if link in self.links:
+            self.links.remove(link)
+        for reader in list(link.readers):
+            reader.lost()
+
+
+class ReaderLink:
+    """An AMQP connection that carries readers."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.readers: set[Reader] = set()
 
 
 class Reader:
@@ -249,9 +300,12 @@ class Reader:
         self.held: list[AbstractIncomingMessage] = []  # read, not yet acknowledged
         self.pacer: asyncio.TimerHandle | None = None
         self.stopped = False
+        self.link: ReaderLink | None = None
 
     async def start(self, connection: AbstractConnection) -> None:
         self.channel = await connection.channel()
+        # Closed by the broker (the stream deleted, say): the stream ends, to come back.
+        self.channel.close_callbacks.add(lambda *_: self.lost())
         await self.channel.set_qos(prefetch_count=PREFETCH)
         queue: AbstractQueue = await self.channel.get_queue(self.history.stream_name, ensure=False)
         offset: int | str = "next" if self.since is None else self.since + 1
@@ -315,6 +369,9 @@ class Reader:
         """The stream is gone: its consumer goes with its channel."""
         self.stopped = True
         self.history.readers.discard(self)
+        if self.link is not None:
+            self.link.readers.discard(self)
+            self.link = None
         if self.pacer is not None:
             self.pacer.cancel()
         self.held.clear()

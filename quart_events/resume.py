@@ -1,51 +1,82 @@
-"""A resumable SSE stream (``resume=true``): its exchanges kept, its messages read from
-the history after its position, each with its position as the event id.
+"""A resumable subscription: its exchanges kept, its messages read from the history
+after its position, each framed with its position by its transport.
 
-``ready`` goes out once the history keeps every exchange of the stream and its reader
-is attached; what the reader hears before that waits for it, so the replay follows
-``ready``. A lost history connection ends the stream with a frame that keeps the id:
-the EventSource comes back with ``Last-Event-ID`` and resumes, here or elsewhere.
+``ready`` goes out once the history keeps every exchange of the subscription and its
+reader is attached; what the reader hears before that waits for it, so the replay
+follows ``ready``. While the history's connection is down, a new one waits
+``pulse.wait_for_broker``; a lost connection ends it with the transport's "come back"
+(an EventSource then resumes from its last position, here or elsewhere).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Protocol
 
-from . import sse
 from .bindings import Binding
-from .errors import BrokerError, client_message
+from .broker import TRANSIENT
+from .errors import BindFailed, BrokerError, client_message
 from .history import History, NotKept, Reader
 from .message import Message
-from .metrics import EndReason
 from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
 
-class Resumed:
-    """One resumable stream's reading of the history."""
+class Wire(Protocol):
+    """How a transport says what a resumable subscription hears."""
 
-    def __init__(self, history: History, bindings: list[Binding], since: int | None) -> None:
+    def ready(self) -> bytes: ...
+
+    def message(self, position: int, message: Message) -> bytes: ...
+
+    def gap(self, asked: int, earliest: int) -> bytes: ...
+
+    def failed(self, why: str) -> None:
+        """A binding cannot be kept: the subscription ends, told why."""
+
+    def lost(self) -> None:
+        """The history is gone for now: the client should come back and resume."""
+
+
+class Resumed:
+    """One resumable subscription's reading of the history."""
+
+    def __init__(
+        self, history: History, bindings: list[Binding], since: int | None, wire: Wire
+    ) -> None:
         self.history = history
         self.bindings = bindings
         self.since = since
+        self.wire = wire
         self.outbox: Outbox | None = None
         self.reader: Reader | None = None
         self.early: list[bytes] | None = []  # heard before ``ready`` went out
-        self.retry_ms = 0
+        self.closed = False
 
-    async def open(self, outbox: Outbox, retry_ms: int) -> None:
-        self.outbox, self.retry_ms = outbox, retry_ms
+    async def open(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        history = self.history
         try:
-            await self.history.keep(binding.exchange for binding in self.bindings)
-            self.reader = await self.history.read(
+            await asyncio.wait_for(history.connected.wait(), history.pulse.wait_for_broker)
+            await history.keep(binding.exchange for binding in self.bindings)
+            reader = await history.read(
                 self.bindings, self.since, outbox, self._message, self._gap, self._lost
             )
-        except (NotKept, BrokerError) as error:
-            outbox.finish(sse.error(client_message(error)), EndReason.ERROR)
+        except (NotKept, BindFailed) as error:
+            self.wire.failed(client_message(error))
             return
+        except (TimeoutError, BrokerError, *TRANSIENT) as error:
+            log.warning("resumable subscription: the history is not reachable (%s)", error)
+            self._lost()
+            return
+        if self.closed:  # its client left meanwhile
+            reader.stop()
+            return
+        self.reader = reader
         early, self.early = self.early or [], None
-        outbox.push(sse.RESUMABLE_READY)
+        outbox.push(self.wire.ready())
         for frame in early:
             outbox.push(frame)
 
@@ -53,19 +84,20 @@ class Resumed:
         if self.early is not None:
             self.early.append(frame)
         elif self.outbox is not None:
-            self.outbox.push(frame)  # past its bound it ends, with a frame that keeps the id
+            self.outbox.push(frame)  # past its bound it ends, as the transport says
 
     def _message(self, position: int, message: Message) -> None:
-        self._push(sse.message_at(message, position))
+        self._push(self.wire.message(position, message))
 
     def _gap(self, asked: int, earliest: int) -> None:
-        self._push(sse.gap(asked, earliest))
+        self._push(self.wire.gap(asked, earliest))
 
     def _lost(self) -> None:
-        if self.outbox is not None:
-            self.outbox.finish(sse.come_back(self.retry_ms), EndReason.ERROR)
+        if not self.closed:
+            self.wire.lost()
 
     def close(self) -> None:
+        self.closed = True
         if self.reader is not None:
             self.reader.stop()
             self.reader = None

@@ -207,7 +207,9 @@ class HistorySettings(BaseModel):
 
     exchanges: list[str] = []  # shell patterns of the exchanges kept; none: no history
     max_age: str = Field(default="1D", pattern=r"^[0-9]+(Y|M|D|h|m|s)$")  # RabbitMQ's x-max-age
-    max_bytes: int = Field(default=2**30, ge=2**20)  # the stream's x-max-length-bytes
+    max_bytes: int = Field(default=2**30, ge=2**16)  # the stream's x-max-length-bytes
+    # Retention removes whole segments (x-stream-max-segment-size-bytes).
+    segment_bytes: int = Field(default=100 * 2**20, ge=2**12)
 
 
 class Settings(BaseSettings):

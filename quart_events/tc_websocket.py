@@ -23,9 +23,11 @@ from taskcluster.exceptions import TaskclusterFailure
 from taskcluster.generated.queueevents import QueueEvents
 
 from .bindings import Binding, BindingError, checked
+from .history import History
 from .mends import text_frame_header
 from .message import Encoder, Message, strict_json, to_json_bytes
 from .metrics import EndReason
+from .resume import Resumed
 from .subscribers import BadInput, OverLimit, Subscriber
 from .websocket import WebSocketConnection
 
@@ -72,8 +74,10 @@ class TaskclusterSocket(WebSocketConnection):
     protocol: ClassVar[str] = "subscription"
     encoder: Encoder = DATA
 
-    def __init__(self, shape: str, *args: Any) -> None:
+    def __init__(self, shape: str, history: History, *args: Any) -> None:
         super().__init__(*args)
+        self.history = history
+        self.resumed: dict[bytes, Resumed] = {}  # subscriptions read from the history
         self.resolve: Callable[[dict[str, Any]], list[Binding]] = (
             self._raw if shape == "raw" else self._named
         )
@@ -120,27 +124,59 @@ class TaskclusterSocket(WebSocketConnection):
     def _subscribe(self, frame: dict[str, Any]) -> None:
         try:
             bindings = self.resolve(frame)
+            resumable = "since" in frame
+            since = self._since(frame["since"], bindings) if resumable else None
         except ProtocolError as error:
             self._error("ProtocolError", str(error))
             return
         self.minted += 1
         label = str(self.minted).encode()
-        admitted = self.subscribers.admit(bindings, self, self.outbox, label)
+        # A resumable one (``since``) reads the history: the hub only counts and ends it
+        # (and its ``ready`` is the reader's: known as resumed before it is admitted).
+        if resumable:
+            wire = ResumeWire(self, label)
+            self.resumed[label] = Resumed(self.history, bindings, since, wire)
+        admitted = self.subscribers.admit(() if resumable else bindings, self, self.outbox, label)
+        if isinstance(admitted, Subscriber) and not admitted.ended:
+            self.carried[label] = admitted
+            if resumable:
+                self.history.later(self.resumed[label].open(self.outbox))
+            return
+        self.resumed.pop(label, None)
         if isinstance(admitted, BadInput):
             self._error("ProtocolError", admitted.message)
         elif isinstance(admitted, OverLimit):
             self._error("SubscriptionError", f"{admitted.why}; retry later.", label)
-        elif isinstance(admitted, Subscriber) and not admitted.ended:
-            self.carried[label] = admitted
         # Shutting down: the socket is being closed with 1012.
 
     def _unsubscribe(self, subscription_id: Any) -> None:
         """An unknown or ended id is ignored: unsubscribing is idempotent."""
         if not isinstance(subscription_id, str):
             return
-        subscriber = self.carried.pop(subscription_id.encode(), None)
+        label = subscription_id.encode()
+        subscriber = self.carried.pop(label, None)
+        resumed = self.resumed.pop(label, None)
+        if resumed is not None:
+            resumed.close()
         if subscriber is not None:
             self.subscribers.leave(subscriber)
+
+    def _since(self, since: Any, bindings: list[Binding]) -> int | None:
+        """The extension for resuming: ``since`` a position (``null``: from now on)."""
+        if since is not None and (type(since) is not int or since < 0):
+            raise ProtocolError("since must be a position (a data frame's) or null")
+        if not self.history.enabled:
+            raise ProtocolError("This server keeps no history: since is not available")
+        for binding in bindings:
+            if not self.history.keeps(binding.exchange):
+                raise ProtocolError(f"No history is kept for exchange `{binding.exchange}`")
+        return since
+
+    def _stop(self) -> None:
+        super()._stop()
+        resumed, self.resumed = self.resumed, {}
+        for reading in resumed.values():
+            reading.close()
 
     def _raw(self, frame: dict[str, Any]) -> list[Binding]:
         bindings = frame.get("bindings")
@@ -194,8 +230,13 @@ class TaskclusterSocket(WebSocketConnection):
 
     # -- what the hub says, on this wire --------------------------------------------
 
-    def ready(self, subscriber: Subscriber) -> bytes:
-        return self.wire(b'{"type":"subscribe_ack","subscriptionId":"' + subscriber.label + b'"}')
+    def ready(self, subscriber: Subscriber) -> bytes | None:
+        if subscriber.label in self.resumed:
+            return None  # its reader says it once it reads the history
+        return self.acknowledgement(subscriber.label)
+
+    def acknowledgement(self, label: bytes) -> bytes:
+        return self.wire(b'{"type":"subscribe_ack","subscriptionId":"' + label + b'"}')
 
     def address(self, subscriber: Subscriber, frame: bytes, message: Message) -> bytes:
         """The message's ``data`` frame for one subscription. Ids are numbered per socket,
@@ -226,3 +267,34 @@ class TaskclusterSocket(WebSocketConnection):
 
     def _protocol_error(self, why: str) -> None:
         self.close(EndReason.PROTOCOL_ERROR, why)
+
+
+class ResumeWire:
+    """A resumable subscription's frames (``resume.Wire``): ``data`` frames with their
+    ``position``, ``gap`` when retention removed what was asked."""
+
+    def __init__(self, socket: TaskclusterSocket, label: bytes) -> None:
+        self.socket = socket
+        self.label = label
+
+    def ready(self) -> bytes:
+        return self.socket.acknowledgement(self.label)
+
+    def message(self, position: int, message: Message) -> bytes:
+        self.socket.messages += 1
+        head = DATA_START + self.label + b'","position":' + str(position).encode()
+        return self.socket.wire(b"".join((head, b',"message":', message.encoded(DATA), b"}")))
+
+    def gap(self, asked: int, earliest: int) -> bytes:
+        frame = {"type": "gap", "subscriptionId": self.label.decode()}
+        return self.socket.wire(to_json_bytes({**frame, "from": asked, "earliest": earliest}))
+
+    def failed(self, why: str) -> None:
+        self.socket.resumed.pop(self.label, None)
+        subscriber = self.socket.carried.get(self.label)
+        if subscriber is not None:
+            self.socket.end(subscriber, EndReason.ERROR, why)
+
+    def lost(self) -> None:
+        """The client comes back (1012) and subscribes again from its last position."""
+        self.socket.close(EndReason.SHUTDOWN)

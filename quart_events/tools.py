@@ -90,6 +90,17 @@ class Terminal:
     default=None,
     help="Give up after S seconds (exit 3).",
 )
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Resumable stream: miss nothing across reconnects (needs the server's history).",
+)
+@click.option(
+    "--since",
+    type=click.IntRange(0),
+    default=None,
+    help="With --resume: start after this position (a message id) instead of now.",
+)
 @profile_option
 @config_option
 def listen(
@@ -99,6 +110,8 @@ def listen(
     patterns: tuple[str, ...],
     count: int,
     timeout: float | None,
+    resume: bool,
+    since: int | None,
     profile: str | None,
     config_file: Path | None,
 ) -> None:
@@ -117,7 +130,11 @@ def listen(
         server = settings_of(profile, config_file, {}).server
         url = f"http://{server.host}:{server.port}"
     terminal = Terminal()
-    listener = Listener(url, bindings_json, terminal.message, terminal.status, count)
+    if since is not None and not resume:
+        raise click.UsageError("--since needs --resume")
+    listener = Listener(
+        url, bindings_json, terminal.message, terminal.status, count, resume=resume, position=since
+    )
     try:
         run_loop(asyncio.wait_for(listener.run(), timeout))
     except TimeoutError:

@@ -433,3 +433,32 @@ JSON_VALUES = st.recursive(
     ),
     max_leaves=12,
 )
+
+
+EVENTSOURCE_CLIENT = ROOT / "tests" / "eventsource_client.mjs"
+
+
+class NodeClient:
+    """An npm `eventsource` following one stream under Node: what it heard, a line each."""
+
+    def __init__(self, node_modules: Path, module: str, url: str) -> None:
+        self.lines: list[dict[str, Any]] = []
+        env = {**os.environ, "NODE_MODULES": str(node_modules), "FOLLOW_MS": "40000"}
+        self.process = subprocess.Popen(
+            ["node", str(EVENTSOURCE_CLIENT), module, url],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    async def collect(self) -> None:
+        assert self.process.stdout is not None
+        while line := await asyncio.to_thread(self.process.stdout.readline):
+            self.lines.append(json.loads(line))
+
+    def kinds(self) -> list[str]:
+        return [line["kind"] for line in self.lines]
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import pytest
-from helpers import ROOT, EventsServer, free_port, npm_modules, publish, wait_until
+from helpers import EventsServer, NodeClient, free_port, npm_modules, publish, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
-
-CLIENT = ROOT / "tests" / "eventsource_client.mjs"
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +26,6 @@ def node_modules() -> Iterator[Path]:
     """npm `eventsource` 2.x and 3.x, side by side (as es2 and es3)."""
     with npm_modules("es2@npm:eventsource@2", "es3@npm:eventsource@3") as modules:
         yield modules
-
-
-class NodeClient:
-    def __init__(self, node_modules: Path, module: str, url: str) -> None:
-        self.lines: list[dict[str, Any]] = []
-        env = {**os.environ, "NODE_MODULES": str(node_modules), "FOLLOW_MS": "40000"}
-        self.process = subprocess.Popen(
-            ["node", str(CLIENT), module, url], env=env, stdout=subprocess.PIPE, text=True
-        )
-
-    async def collect(self) -> None:
-        assert self.process.stdout is not None
-        while line := await asyncio.to_thread(self.process.stdout.readline):
-            self.lines.append(json.loads(line))
-
-    def kinds(self) -> list[str]:
-        return [line["kind"] for line in self.lines]
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
 
 
 @pytest.mark.parametrize("module", ["es2", "es3"])

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from browser import Browser
 from click.testing import CliRunner
-from helpers import EventsServer, SSEReader
+from helpers import EventsServer, SSEReader, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -211,6 +211,9 @@ async def test_a_process_holds_a_bounded_number_of_pattern_words(
                 await exchange.publish(aio_pika.Message(b"{}"), routing_key="p.q")
                 message = (await fits.wait_for("message"))[0]
                 assert json.loads(message.data)["routingKey"] == "p.q"
-        # Once the streams are gone, their words are free again.
+        # Once the streams are gone (the server has seen them go, and unbound), their
+        # words are free again.
+        await wait_until(lambda: bounded.stats()["streams"] == 0, timeout=20)
+        await wait_until(lambda: bounded.stats()["bindings"] == 0, timeout=20)
         async with SSEReader(bounded.url(of("x.y.z", "x.y", "k.l.m.n"))) as later:
             await later.wait_for("ready")

@@ -3,15 +3,30 @@ history (a RabbitMQ stream queue), the real broker, an independent SSE client.""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
 import httpx
 import pytest
-from helpers import AMQP_URL, EventsServer, SSEReader, connect_target, publish
+import websockets
+from helpers import (
+    AMQP_URL,
+    EventsServer,
+    NodeClient,
+    SSEReader,
+    connect_target,
+    npm_modules,
+    publish,
+    wait_until,
+)
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
 
@@ -28,6 +43,12 @@ async def namespace() -> AsyncIterator[str]:
         channel = await connection.channel()
         for queue in (f"queue/{name}/events/history", f"queue/{name}/events/history-feed"):
             await channel.queue_delete(queue)
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Iterator[Path]:
+    with npm_modules("es3@npm:eventsource@3") as modules:
+        yield modules
 
 
 @pytest.fixture
@@ -183,3 +204,175 @@ async def test_a_resumable_stream_after_its_error_gets_204(
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(url, headers={"Last-Event-ID": "-"})
     assert response.status_code == 204
+
+
+async def test_retention_gives_a_gap_before_the_replay(namespace: str, exchange_name: str) -> None:
+    """A position older than what is kept: ``gap`` names what was asked and the oldest
+    kept, then the replay from there."""
+    env = {
+        **KEPT,
+        "TC_EVENTS_HISTORY__MAX_BYTES": "65536",
+        "TC_EVENTS_HISTORY__SEGMENT_BYTES": "4096",
+    }
+    server = EventsServer.start(env, namespace=namespace)
+    try:
+        url = resume_url(server, [bound(exchange_name, "#")])
+        async with SSEReader(url) as live:
+            await live.wait_for("ready")
+            for n in range(300):  # about 300 KiB: retention removes the first segments
+                await publish(exchange_name, "k", json.dumps({"n": n, "pad": "x" * 1000}).encode())
+            await live.wait_for("message", 300, timeout=30)
+        first = messages(live)[0][0]
+        async with SSEReader(
+            resume_url(server, [bound(exchange_name, "#")], f"&since={first}")
+        ) as r:
+            await r.wait_for("message")
+        (gap,) = r.data("gap")
+        assert gap["from"] == first and gap["earliest"] > first + 1
+        kinds = [event.event for event in r.events if event.event != "ping"]
+        assert kinds[:3] == ["ready", "gap", "message"]
+        assert int(r.named("message")[0].id) == gap["earliest"]
+    finally:
+        server.stop()
+
+
+async def test_a_writer_killed_while_messages_flow_loses_none(
+    namespace: str, exchange_name: str
+) -> None:
+    """The first instance writes the history (the broker's single active consumer of the
+    feed); killed mid-flow, the broker hands the feed and what it had not acknowledged to
+    the other: a resumed stream there gets every message (one in flight may come twice)."""
+    writer = EventsServer.start(KEPT, namespace=namespace)
+    other = EventsServer.start(KEPT, namespace=namespace)
+    try:
+        url = resume_url(other, [bound(exchange_name, "#")])
+        async with SSEReader(url) as reader:
+            await reader.wait_for("ready")
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                channel = await connection.channel()
+                exchange = await channel.get_exchange(exchange_name)
+                for n in range(400):
+                    if n == 100:
+                        writer.stop(signal.SIGKILL)
+                    await exchange.publish(aio_pika.Message(str(n).encode()), routing_key="k")
+            await wait_until(
+                lambda: {payload for _, payload, _ in messages(reader)} == set(range(400)),
+                timeout=60,
+            )
+        positions = [position for position, _, _ in messages(reader)]
+        assert positions == sorted(positions)
+    finally:
+        writer.stop()
+        other.stop()
+
+
+async def test_an_event_source_resumes_after_the_broker_link_was_cut(
+    namespace: str, exchange_name: str, node_modules: Path
+) -> None:
+    """The npm EventSource, unmodified: the link to the broker is cut (the history with
+    it), messages are published meanwhile; the stream ends with a frame that keeps the
+    last id, the client comes back with ``Last-Event-ID`` and gets what it missed, then
+    the live ones: every message once, in order."""
+    with TcpProxy.running() as proxy:
+        server = EventsServer.start({**KEPT, "PULSE_PORT": str(proxy.port)}, namespace=namespace)
+        try:
+            client = NodeClient(
+                node_modules, "es3", resume_url(server, [bound(exchange_name, "#")])
+            )
+            collecting = asyncio.ensure_future(client.collect())
+            try:
+                await wait_until(lambda: "ready" in client.kinds(), timeout=20)
+                for n in range(3):
+                    await publish(exchange_name, "k", str(n).encode())
+                await wait_until(lambda: client.kinds().count("message") == 3, timeout=20)
+                proxy.cut()
+                for n in range(3, 6):  # kept by the feed while the writer is away
+                    await publish(exchange_name, "k", str(n).encode())
+                await asyncio.sleep(1)
+                proxy.restore()
+                await wait_until(lambda: client.kinds().count("ready") == 2, timeout=40)
+                for n in range(6, 9):
+                    await publish(exchange_name, "k", str(n).encode())
+                await wait_until(lambda: client.kinds().count("message") >= 9, timeout=30)
+            finally:
+                client.stop()
+                collecting.cancel()
+            heard = [line for line in client.lines if line["kind"] == "message"]
+            assert [json.loads(line["data"])["payload"] for line in heard] == list(range(9))
+            ids = [int(line["lastEventId"]) for line in heard]
+            assert ids == sorted(set(ids))
+        finally:
+            server.stop()
+
+
+async def test_the_2026_websocket_resumes_with_since_and_positions(
+    kept_server: EventsServer, exchange_name: str
+) -> None:
+    """The extension Taskcluster's UI client ignores: ``subscribe`` with ``since`` (a
+    position, or ``null`` for from now on) gets ``data`` frames with their ``position``."""
+    url = f"ws://127.0.0.1:{kept_server.port}/subscription/raw"
+    binding = {"exchange": exchange_name, "pattern": "#"}
+
+    async def subscribe(socket: Any, since: Any) -> dict[str, Any]:
+        await socket.send(json.dumps({"type": "subscribe", "bindings": [binding], "since": since}))
+        return dict(json.loads(await asyncio.wait_for(socket.recv(), 10)))
+
+    async with websockets.connect(url) as socket:
+        await socket.send('{"type": "connection_init"}')
+        await socket.recv()
+        bad = await subscribe(socket, "12")
+        assert bad["code"] == "ProtocolError" and "since" in bad["message"]
+        ack = await subscribe(socket, None)
+        assert ack["type"] == "subscribe_ack"
+        for n in range(3):
+            await publish(exchange_name, "k", str(n).encode())
+        frames = [json.loads(await asyncio.wait_for(socket.recv(), 10)) for _ in range(3)]
+    assert [frame["message"]["payload"] for frame in frames] == [0, 1, 2]
+    assert {frame["subscriptionId"] for frame in frames} == {ack["subscriptionId"]}
+    positions = [frame["position"] for frame in frames]
+    assert positions == sorted(positions)
+    await publish(exchange_name, "k", b"3")
+    async with websockets.connect(url) as socket:
+        await socket.send('{"type": "connection_init"}')
+        await socket.recv()
+        assert (await subscribe(socket, positions[0]))["type"] == "subscribe_ack"
+        again = [json.loads(await asyncio.wait_for(socket.recv(), 10)) for _ in range(3)]
+    assert [frame["message"]["payload"] for frame in again] == [1, 2, 3]
+    assert [frame["position"] for frame in again][:2] == positions[1:]
+
+
+async def test_listen_resume_keeps_its_place_across_a_restart(
+    namespace: str, exchange_name: str
+) -> None:
+    """``tc-events listen --resume``: the server is restarted while messages are
+    published; listen comes back with the last position and prints every one, once."""
+    env = {**KEPT, "TC_EVENTS_SERVER__RETRY_MIN_MS": "300", "TC_EVENTS_SERVER__RETRY_MAX_MS": "400"}
+    first = EventsServer.start(env, namespace=namespace)
+    second = None
+    listening = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "quart_events", "listen", "--resume", "--count", "4"),
+        *("--url", first.base, "-e", exchange_name, "-p", "#"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: first.stats()["history"]["readers"] == 1, timeout=20)
+        for n in range(2):
+            await publish(exchange_name, "k", str(n).encode())
+        assert listening.stdout is not None
+        lines = [await asyncio.wait_for(listening.stdout.readline(), 20) for _ in range(2)]
+        assert await asyncio.to_thread(first.stop) == 0
+        for n in range(2, 4):  # while no server is up: kept by the feed
+            await publish(exchange_name, "k", str(n).encode())
+        second = EventsServer.start(env, port=first.port, namespace=namespace)
+        stdout, stderr = await asyncio.wait_for(listening.communicate(), 60)
+        assert listening.returncode == 0, stderr
+        lines += stdout.splitlines()
+        assert [json.loads(line)["payload"] for line in lines] == [0, 1, 2, 3]
+    finally:
+        if listening.returncode is None:
+            listening.kill()
+        first.stop()
+        if second is not None:
+            second.stop()

@@ -61,7 +61,7 @@ async def read(port: int, target: str, count: int, ready: asyncio.Event | None =
         while seen < count:
             chunk = await reader.read(1 << 20)
             if not chunk:
-                raise RuntimeError("the stream ended")
+                raise RuntimeError(f"the stream ended after {seen}: {tail[-200:]!r}")
             data = tail + chunk
             if ready is not None and b"event: ready" in data:
                 ready.set()
@@ -127,8 +127,13 @@ def replay(messages: int) -> dict[str, Any]:
 
 async def _replay(port: int, pid: int, exchange: str, messages: int) -> dict[str, Any]:
     start = await position_now(port, exchange)
+    began = time.time()
+    server_before = tree_cpu(pid)
     await publish(exchange, messages)
     await wait_written(port, messages + 1)
+    writing = {"written_per_s": messages / (time.time() - began)}
+    writing["writer_server_cpu_s"] = tree_cpu(pid) - server_before
+    print("replay: written", writing, flush=True)
     broker = broker_pid()
     server_before, broker_before = tree_cpu(pid), cpu_of(broker)
     client_before = time.process_time()
@@ -136,6 +141,7 @@ async def _replay(port: int, pid: int, exchange: str, messages: int) -> dict[str
     await read(port, url_of(port, exchange, True, start), messages)
     elapsed = time.time() - began
     return {
+        **writing,
         "messages": messages,
         "per_s": messages / elapsed,
         "elapsed_s": elapsed,
@@ -159,7 +165,7 @@ def live(messages: int) -> dict[str, Any]:
             with events_server(kept(exchange) if history else None) as server:
                 try:
                     figures[name] = asyncio.run(
-                        _live(server.port, server.process.pid, exchange, messages, resume)
+                        _live(server.port, server.process.pid, exchange, messages, resume, history)
                     )
                 finally:
                     if history:
@@ -169,7 +175,11 @@ def live(messages: int) -> dict[str, Any]:
     return figures
 
 
-async def _live(port: int, pid: int, exchange: str, messages: int, resume: bool) -> dict[str, Any]:
+async def _live(
+    port: int, pid: int, exchange: str, messages: int, resume: bool, history: bool
+) -> dict[str, Any]:
+    if history:  # the exchange is kept from the first resumable stream on
+        await position_now(port, exchange)
     ready = asyncio.Event()
     reading = asyncio.ensure_future(read(port, url_of(port, exchange, resume), messages, ready))
     await asyncio.wait_for(ready.wait(), 30)

@@ -27,29 +27,30 @@ import contextlib
 import fnmatch
 import json
 import logging
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Protocol
 
-import aio_pika
+import aiormq.abc
 import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 
-from .bindings import Binding
 from .broker import TRANSIENT, open_connection
 from .errors import BindFailed, BrokerUnavailable
 from .message import Message, cc_keys
 from .outbox import Outbox
 from .settings import HistorySettings, PulseSettings
-from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
 
 PREFETCH = 200  # messages the broker sends a reader ahead of its acknowledgements
+ACK_EVERY = 50  # acknowledged in batches (the broker's credit never runs out)
+WRITE_AHEAD = 500  # messages of the feed the writer holds, written but not yet confirmed
 # Readers (a channel each) per AMQP connection: RabbitMQ allows 2,047 channels on one
 # and closes the whole connection past it; more readers open more connections.
 READERS_PER_CONNECTION = 1000
@@ -57,6 +58,14 @@ ROOM = 0.5  # a reader acknowledges while its outbox is below this share of its 
 PACE = 0.05  # seconds between looks at a full outbox
 EXCHANGE, ROUTING_KEY, CC, REDELIVERED = "x-tc-exchange", "x-tc-routing-key", "x-tc-cc", "x-tc-re"
 OFFSET = "x-stream-offset"
+
+
+class Listener(Protocol):
+    """A resumable subscription, as the process's tail reader sees it."""
+
+    def from_tail(self, offset: int, message: Message) -> None: ...
+
+    def lost(self) -> None: ...
 
 
 class NotKept(ValueError):
@@ -87,6 +96,14 @@ class History:
         self.tasks: set[asyncio.Future[None]] = set()
         self.connected = asyncio.Event()  # readers may be opened
         self.links: list[ReaderLink] = []
+        self.raw_writer: aiormq.abc.AbstractChannel | None = None
+        self.unconfirmed: deque[int] = deque()  # feed delivery tags written, in order
+        self.confirmed: set[int] = set()  # of those, the ones the broker confirmed
+        self.acked_upto = 0  # confirmed since the last acknowledgement to the feed
+        self.tail: Reader | None = None
+        self.tail_offset = -1  # the last offset the tail read
+        self.live: set[Listener] = set()
+        self.replays = asyncio.Semaphore(settings.max_replays)
 
     def later(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in the background (kept here until it is done)."""
@@ -95,10 +112,12 @@ class History:
         task.add_done_callback(self.tasks.discard)
 
     def stats(self) -> dict[str, int | bool]:
-        """For operators and tests: whether it is connected, its readers, what it wrote."""
+        """For operators and tests: whether it is connected, its subscriptions, what it wrote."""
+        tail = self.tail is not None and not self.tail.stopped
         return {
             "connected": self.connected.is_set(),
-            "readers": len(self.readers),
+            "live": len(self.live),  # resumable subscriptions (replaying or caught up)
+            "replaying": len(self.readers) - tail,
             "written": self.written,
         }
 
@@ -120,10 +139,26 @@ class History:
         await self._connect()
 
     async def _connect(self) -> None:
+        """The writer's connection (if it is not up) and the tail (if it is not reading)."""
+        if self.connection is None:
+            await self._connect_writer()
+        await self._start_tail()
+        self.connected.set()
+
+    async def _connect_writer(self) -> None:
         node = self.pulse.nodes[0]
-        self.connection = await open_connection(self.pulse, node, "tc-events history")
-        self.connection.close_callbacks.add(self._lost)
-        channel = await self.connection.channel()
+        connection = await open_connection(self.pulse, node, "tc-events history")
+        try:
+            await self._declare_and_write(connection)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self.connection = connection
+        connection.close_callbacks.add(self._lost)
+
+    async def _declare_and_write(self, connection: AbstractConnection) -> None:
+        channel = await connection.channel()
         await channel.declare_queue(
             self.stream_name,
             durable=True,
@@ -137,10 +172,12 @@ class History:
         feed = await channel.declare_queue(
             self.feed_name, durable=True, arguments={"x-single-active-consumer": True}
         )
-        await channel.set_qos(prefetch_count=PREFETCH)
         self.writer = channel
-        await feed.consume(self._write)
-        self.connected.set()
+        raw = self.raw_writer = await channel.get_underlay_channel()  # confirms are on
+        self.unconfirmed.clear()
+        self.confirmed.clear()
+        await raw.basic_qos(prefetch_count=WRITE_AHEAD)
+        await raw.basic_consume(feed.name, self._write)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -166,12 +203,15 @@ class History:
         self.connection = self.writer = self.binder = None
         self.connected.clear()
         self.kept.clear()
-        if not self.stopping:
+        self._reconnect_soon()
+
+    def _reconnect_soon(self) -> None:
+        if not self.stopping and (self.retrying is None or self.retrying.done()):
             self.retrying = asyncio.ensure_future(self._reconnect())
 
     async def _reconnect(self, at_once: bool = False) -> None:
         delay = self.pulse.reconnect_min_delay
-        while self.connection is None and not self.stopping:
+        while (self.connection is None or self.tail is None) and not self.stopping:
             if not at_once:
                 await asyncio.sleep(delay)
             at_once = False
@@ -182,25 +222,42 @@ class History:
                 delay = min(delay * 2, self.pulse.reconnect_max_delay)
         log.info("history: connected again")
 
-    async def _write(self, message: AbstractIncomingMessage) -> None:
-        """Copy one message of a kept exchange into the stream, then acknowledge it."""
-        assert self.writer is not None
+    async def _write(self, delivery: DeliveredMessage) -> None:
+        """Copy one message of a kept exchange into the stream; once the broker confirms
+        it (and every one before it), acknowledge them to the feed, in batches."""
+        raw = self.raw_writer
+        assert raw is not None
+        tag = delivery.delivery_tag or 0
         headers: dict[str, Any] = {
-            EXCHANGE: message.exchange or "",
-            ROUTING_KEY: message.routing_key or "",
-            CC: json.dumps(cc_keys(message.headers)),
+            EXCHANGE: delivery.exchange or "",
+            ROUTING_KEY: delivery.routing_key or "",
+            CC: json.dumps(cc_keys(delivery.header.properties.headers)),
         }
-        if message.redelivered:
+        if delivery.redelivered:
             headers[REDELIVERED] = "1"
+        self.unconfirmed.append(tag)
         try:
-            await self.writer.default_exchange.publish(
-                aio_pika.Message(message.body, headers=headers, delivery_mode=2),
+            await raw.basic_publish(
+                delivery.body,
                 routing_key=self.stream_name,
+                properties=aiormq.spec.Basic.Properties(headers=headers, delivery_mode=2),
             )
-            await message.ack()
-            self.written += 1
-        except TRANSIENT as error:
+        except TRANSIENT as error:  # the connection went: the feed gives it to the next
             log.warning("history: a message was not written (%s); it is written again", error)
+            return
+        self.written += 1
+        self.confirmed.add(tag)
+        last, count = 0, 0
+        while self.unconfirmed and self.unconfirmed[0] in self.confirmed:
+            last = self.unconfirmed.popleft()
+            self.confirmed.discard(last)
+            count += 1
+        if last:
+            self.acked_upto += count
+            if self.acked_upto >= ACK_EVERY or not self.unconfirmed:
+                self.acked_upto = 0
+                with contextlib.suppress(*TRANSIENT):
+                    await raw.basic_ack(last, multiple=True)
 
     async def keep(self, exchanges: Iterable[str]) -> None:
         """Bind the feed to ``exchanges`` (once per process; the binding is durable):
@@ -223,20 +280,35 @@ class History:
                 raise BindFailed.missing(exchange) from error
             self.kept.add(exchange)
 
-    async def read(
+    async def replay(
         self,
-        bindings: Iterable[Binding],
-        since: int | None,
-        outbox: Outbox,
-        on_message: Callable[[int, Message], None],
-        on_gap: Callable[[int, int], None],
+        since: int,
+        on_delivery: Callable[[int, Message | None], None],
         on_lost: Callable[[], None],
+        outbox: Outbox,
     ) -> Reader:
-        """A reader of the stream after ``since`` (none: from the next message on) that
-        matches ``bindings``; it has started once this returns."""
+        """A reader of the stream after ``since``, paced by ``outbox``: at most
+        ``history.max_replays`` at once in a process (each costs the broker open files);
+        the others wait their turn."""
+        await self.replays.acquire()
+        try:
+            reader = await self._reader(since, on_delivery, on_lost, outbox)
+        except BaseException:
+            self.replays.release()
+            raise
+        reader.holds_a_turn = True
+        return reader
+
+    async def _reader(
+        self,
+        since: int | None,
+        on_delivery: Callable[[int, Message | None], None],
+        on_lost: Callable[[], None],
+        outbox: Outbox | None,
+    ) -> Reader:
         if self.connection is None:
             raise BrokerUnavailable("the history is not reachable")
-        reader = Reader(self, bindings, since, outbox, on_message, on_gap, on_lost)
+        reader = Reader(self, since, on_delivery, on_lost, outbox)
         link = await self._link()
         link.readers.add(reader)
         reader.link = link
@@ -247,6 +319,35 @@ class History:
             raise
         self.readers.add(reader)
         return reader
+
+    async def _start_tail(self) -> None:
+        """The process's one reader of what is written from now on: every resumable
+        subscription that has caught up hears it from here."""
+        if self.tail is None or self.tail.stopped:
+            # A new tail reads from the next message on: what it has read says nothing
+            # of what was written before it (resume.py hands over by it).
+            self.tail_offset = -1
+            self.tail = await self._reader(None, self._from_tail, self._tail_lost, None)
+
+    def _from_tail(self, offset: int, message: Message | None) -> None:
+        self.tail_offset = offset
+        if message is not None:
+            for listener in list(self.live):
+                listener.from_tail(offset, message)
+
+    def _tail_lost(self) -> None:
+        """Live subscriptions cannot go on without it: they end (and come back)."""
+        self.tail = None
+        self.connected.clear()
+        for listener in list(self.live):
+            listener.lost()
+        self._reconnect_soon()
+
+    def listen(self, listener: Listener) -> None:
+        self.live.add(listener)
+
+    def unlisten(self, listener: Listener) -> None:
+        self.live.discard(listener)
 
     async def _link(self) -> ReaderLink:
         """A connection for one more reader: one with room, else a new one."""
@@ -275,86 +376,76 @@ class ReaderLink:
 
 
 class Reader:
-    """One resumed stream's consumer of the stream queue."""
+    """A consumer of the stream queue from a position (or from the next message): the
+    process's tail, or one resumed subscription's replay, paced by its outbox. On
+    aiormq's channel: no object per delivery beyond aiormq's own, acknowledgements in
+    batches."""
 
     def __init__(
         self,
         history: History,
-        bindings: Iterable[Binding],
         since: int | None,
-        outbox: Outbox,
-        on_message: Callable[[int, Message], None],
-        on_gap: Callable[[int, int], None],
+        on_delivery: Callable[[int, Message | None], None],
         on_lost: Callable[[], None],
+        outbox: Outbox | None,
     ) -> None:
         self.history = history
-        self.tries: dict[str, TopicTrie[int]] = {}
-        for binding in bindings:
-            trie = self.tries.setdefault(binding.exchange, TopicTrie())
-            trie.add(binding.routing_key_pattern, 0)
         self.since = since
+        self.on_delivery, self.on_lost = on_delivery, on_lost
         self.outbox = outbox
-        self.on_message, self.on_gap, self.on_lost = on_message, on_gap, on_lost
         self.channel: AbstractChannel | None = None
-        self.first = True
-        self.held: list[AbstractIncomingMessage] = []  # read, not yet acknowledged
+        self.raw: aiormq.abc.AbstractChannel | None = None
+        self.held = 0  # read, not yet acknowledged
+        self.last_tag = 0  # the delivery tag of the last one read
         self.pacer: asyncio.TimerHandle | None = None
+        self.paced = False  # waiting for its client to take what it has
+        self.heard_at = time.monotonic()  # the last delivery
         self.stopped = False
         self.link: ReaderLink | None = None
+        self.holds_a_turn = False  # one of ``history.max_replays``
 
     async def start(self, connection: AbstractConnection) -> None:
         self.channel = await connection.channel()
-        # Closed by the broker (the stream deleted, say): the stream ends, to come back.
+        # Closed by the broker (the stream deleted, say): it ends, to come back.
         self.channel.close_callbacks.add(lambda *_: self.lost())
-        await self.channel.set_qos(prefetch_count=PREFETCH)
-        queue: AbstractQueue = await self.channel.get_queue(self.history.stream_name, ensure=False)
+        self.raw = await self.channel.get_underlay_channel()
+        await self.raw.basic_qos(prefetch_count=PREFETCH)
         offset: int | str = "next" if self.since is None else self.since + 1
-        await queue.consume(self._on_delivery, arguments={OFFSET: offset})
+        await self.raw.basic_consume(
+            self.history.stream_name, self._on_delivery, arguments={OFFSET: offset}
+        )
 
-    def matches(self, message: Message) -> bool:
-        trie = self.tries.get(message.exchange)
-        if trie is None:
-            return False
-        if trie.match(message.routing_key):
-            return True
-        return any(trie.match(key) for key in message.cc)
-
-    async def _on_delivery(self, delivery: AbstractIncomingMessage) -> None:
+    async def _on_delivery(self, delivery: DeliveredMessage) -> None:
         if self.stopped:
             return
-        headers = delivery.headers or {}
+        self.held += 1
+        self.heard_at = time.monotonic()
+        self.last_tag = delivery.delivery_tag or self.last_tag
+        headers = delivery.header.properties.headers or {}
         offset = headers.get(OFFSET)
-        if not isinstance(offset, int):
-            await delivery.ack()
-            return
-        if self.since is not None and offset <= self.since:
-            await delivery.ack()  # the chunk the position is in starts before it
-            return
-        if self.first:
-            self.first = False
-            if self.since is not None and offset > self.since + 1:
-                self.on_gap(self.since, offset)  # retention removed what was asked
-        message = _message_of(delivery)
-        if message is not None and self.matches(message):
-            self.on_message(offset, message)
-        self.held.append(delivery)
-        self._acknowledge()
+        # (an offset at or before the position: the chunk it is in starts before it)
+        if isinstance(offset, int) and (self.since is None or offset > self.since):
+            self.on_delivery(offset, _message_of(headers, delivery.body))
+        if self.held >= ACK_EVERY:
+            self._acknowledge()
 
     def _acknowledge(self) -> None:
         """Acknowledge what was read while the client's outbox has room; else look again
         soon (the broker sends nothing more meanwhile)."""
         outbox = self.outbox
-        if self.stopped or outbox.finished:
+        if self.stopped or not self.held:
             return
-        if not self.held:
-            return
-        if len(outbox.frames) < outbox.max_frames * ROOM and (
-            outbox.buffered_bytes < outbox.max_bytes * ROOM
+        if outbox is None or (
+            len(outbox.frames) < outbox.max_frames * ROOM
+            and outbox.buffered_bytes < outbox.max_bytes * ROOM
         ):
-            last, self.held = self.held[-1], []
-            self.history.later(_ack(last))  # it and every one before it
-        elif self.pacer is None:
-            self.pacer = asyncio.get_running_loop().call_later(PACE, self._paced)
+            assert self.raw is not None
+            self.held, self.paced = 0, False  # it and every one before it
+            self.history.later(_ack(self.raw, self.last_tag))
+        else:
+            self.paced = True
+            if self.pacer is None and not outbox.finished:
+                self.pacer = asyncio.get_running_loop().call_later(PACE, self._paced)
 
     def _paced(self) -> None:
         self.pacer = None
@@ -366,23 +457,28 @@ class Reader:
             self.on_lost()
 
     def stop(self) -> None:
-        """The stream is gone: its consumer goes with its channel."""
+        """Its consumer goes with its channel; its turn goes to the next replay."""
+        if self.stopped:
+            return
         self.stopped = True
-        self.history.readers.discard(self)
+        history = self.history
+        history.readers.discard(self)
+        if self.holds_a_turn:
+            history.replays.release()
         if self.link is not None:
             self.link.readers.discard(self)
             self.link = None
         if self.pacer is not None:
             self.pacer.cancel()
-        self.held.clear()
         channel, self.channel = self.channel, None
+        self.raw = None
         if channel is not None and not channel.is_closed:
-            self.history.later(_close(channel))
+            history.later(_close(channel))
 
 
-async def _ack(delivery: AbstractIncomingMessage) -> None:
+async def _ack(channel: aiormq.abc.AbstractChannel, tag: int) -> None:
     with contextlib.suppress(*TRANSIENT):
-        await delivery.ack(multiple=True)
+        await channel.basic_ack(tag, multiple=True)
 
 
 async def _close(channel: AbstractChannel) -> None:
@@ -390,9 +486,8 @@ async def _close(channel: AbstractChannel) -> None:
         await channel.close()
 
 
-def _message_of(delivery: AbstractIncomingMessage) -> Message | None:
+def _message_of(headers: Mapping[str, Any], body: bytes) -> Message | None:
     """The message as it was published, from the writer's string headers."""
-    headers = delivery.headers or {}
     exchange, key, cc = headers.get(EXCHANGE), headers.get(ROUTING_KEY), headers.get(CC)
     if not isinstance(exchange, str) or not isinstance(key, str) or not isinstance(cc, str):
         return None
@@ -400,4 +495,4 @@ def _message_of(delivery: AbstractIncomingMessage) -> Message | None:
         keys = json.loads(cc)
     except ValueError:
         keys = []
-    return Message(exchange, key, headers.get(REDELIVERED) == "1", delivery.body, {"CC": keys})
+    return Message(exchange, key, headers.get(REDELIVERED) == "1", body, {"CC": keys})

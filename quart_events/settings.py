@@ -210,6 +210,9 @@ class HistorySettings(BaseModel):
     max_bytes: int = Field(default=2**30, ge=2**16)  # the stream's x-max-length-bytes
     # Retention removes whole segments (x-stream-max-segment-size-bytes).
     segment_bytes: int = Field(default=100 * 2**20, ge=2**12)
+    # Replays read at once per process: each holds a consumer of the stream, and each
+    # of those costs the broker open files (1,000 at once ran it out: emfile).
+    max_replays: int = Field(default=50, ge=1)
 
 
 class Settings(BaseSettings):

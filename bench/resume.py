@@ -189,6 +189,8 @@ async def _live(
     await publish(exchange, messages)
     await asyncio.wait_for(reading, 300)
     elapsed = time.time() - began
+    if history:  # the writer's work for these messages counts too
+        await wait_written(port, messages + 1)
     server = tree_cpu(pid) - server_before
     return {
         "server_us_per_message": server / messages * 1e6,

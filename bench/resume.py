@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clients import AMQP_URL
@@ -78,8 +79,6 @@ async def read(port: int, target: str, count: int, ready: asyncio.Event | None =
 
 
 def stats(port: int) -> dict[str, Any]:
-    import httpx
-
     return dict(httpx.get(f"http://127.0.0.1:{port}/api/events/v1/__stats__", timeout=10).json())
 
 

@@ -118,8 +118,8 @@ class SseResumeWire:
     def ready(self) -> bytes:
         return sse.RESUMABLE_READY
 
-    def message(self, position: int, message: Message) -> bytes:
-        return sse.message_at(message, position)
+    def message(self, message: Message) -> bytes:
+        return message.encoded(sse.POSITIONED)
 
     def gap(self, asked: int, earliest: int) -> bytes:
         return sse.gap(asked, earliest)
@@ -263,9 +263,9 @@ class ConnectEndpoint:
         if position is not None and not POSITION.fullmatch(position):
             what = "Last-Event-ID" if last_event_id is not None else "`since`"
             raise BindingError(f"{what} must be a position: a whole number from a message's id")
-        for binding in bindings:
-            if not self.history.keeps(binding.exchange):
-                raise BindingError(f"No history is kept for exchange `{binding.exchange}`")
+        unkept = self.history.unkept(binding.exchange for binding in bindings)
+        if unkept is not None:
+            raise BindingError(unkept)
         return None if position is None else int(position)
 
     async def _refuse(self, send: ASGISendCallable, event_source: bool, refusal: Refusal) -> None:

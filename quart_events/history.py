@@ -12,12 +12,14 @@ messages to the next, so history is complete, and a message in flight may be wri
 twice (at least once). Positions are the stream's offsets: the broker's, the same on
 every worker and instance.
 
-A resumed stream reads the stream from its position with a consumer of its own, in
-order, from the replay straight into the live messages: one read, so there is no
-hand-over to get wrong (no gap, no duplicate). The broker sends a reader at most
-``PREFETCH`` unacknowledged messages, and a reader acknowledges only while its
-client's outbox has room: a replay is read as the client takes it, never loaded whole.
-docs/design.md draws the flow.
+Each process reads the stream with one tail reader (from the next message on) for
+every resumable subscription that has caught up, matched once per message, and with a
+replay reader per subscription that catches up from its position (at most
+``history.max_replays`` at once: each stream consumer costs the broker open files);
+``resume.py`` hands a subscription over from its replay to the tail. The broker sends
+a reader at most ``PREFETCH`` unacknowledged messages, and a replay acknowledges only
+while its client's outbox has room: it is read as the client takes it, never loaded
+whole. docs/design.md draws the flow.
 """
 
 from __future__ import annotations
@@ -40,11 +42,13 @@ from aio_pika.abc import (
 )
 from aiormq.abc import DeliveredMessage
 
+from .bindings import Binding
 from .broker import TRANSIENT, open_connection
 from .errors import BindFailed, BrokerUnavailable
 from .message import Message, cc_keys
 from .outbox import Outbox
 from .settings import HistorySettings, PulseSettings
+from .topic import Bound
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ OFFSET = "x-stream-offset"
 class Listener(Protocol):
     """A resumable subscription, as the process's tail reader sees it."""
 
-    def from_tail(self, offset: int, message: Message) -> None: ...
+    def from_tail(self, message: Message) -> None:
+        """A message it is bound to, read by the tail (``message.position`` is set)."""
 
     def lost(self) -> None: ...
 
@@ -102,7 +107,8 @@ class History:
         self.acked_upto = 0  # confirmed since the last acknowledgement to the feed
         self.tail: Reader | None = None
         self.tail_offset = -1  # the last offset the tail read
-        self.live: set[Listener] = set()
+        self.live: dict[Listener, list[Binding]] = {}  # listening to the tail, by bindings
+        self.bound: Bound[Listener] = Bound()  # the same, matched once per message
         self.replays = asyncio.Semaphore(settings.max_replays)
 
     def later(self, work: Coroutine[Any, Any, None]) -> None:
@@ -264,9 +270,9 @@ class History:
         every message they get from now on is kept. ``NotKept`` for one outside the
         patterns; ``ExchangeMissing`` for one that does not exist."""
         exchanges = set(exchanges)
-        for exchange in exchanges:
-            if not self.keeps(exchange):
-                raise NotKept(f"no history is kept for exchange `{exchange}`")
+        why = self.unkept(exchanges)
+        if why is not None:
+            raise NotKept(why)
         for exchange in exchanges - self.kept:
             if self.connection is None:
                 raise BrokerUnavailable("the history is not reachable")
@@ -332,8 +338,8 @@ class History:
     def _from_tail(self, offset: int, message: Message | None) -> None:
         self.tail_offset = offset
         if message is not None:
-            for listener in list(self.live):
-                listener.from_tail(offset, message)
+            for listener in self.bound.match(message.exchange, message.routing_key, message.cc):
+                listener.from_tail(message)
 
     def _tail_lost(self) -> None:
         """Live subscriptions cannot go on without it: they end (and come back)."""
@@ -343,11 +349,21 @@ class History:
             listener.lost()
         self._reconnect_soon()
 
-    def listen(self, listener: Listener) -> None:
-        self.live.add(listener)
+    def listen(self, listener: Listener, bindings: list[Binding]) -> None:
+        self.live[listener] = bindings
+        for binding in bindings:
+            self.bound.add(binding.exchange, binding.routing_key_pattern, listener)
 
     def unlisten(self, listener: Listener) -> None:
-        self.live.discard(listener)
+        for binding in self.live.pop(listener, ()):
+            self.bound.discard(binding.exchange, binding.routing_key_pattern, listener)
+
+    def unkept(self, exchanges: Iterable[str]) -> str | None:
+        """Why these exchanges cannot be resumed (the first one not kept), or ``None``."""
+        for exchange in exchanges:
+            if not self.keeps(exchange):
+                return f"No history is kept for exchange `{exchange}`"
+        return None
 
     async def _link(self) -> ReaderLink:
         """A connection for one more reader: one with room, else a new one."""
@@ -425,7 +441,7 @@ class Reader:
         offset = headers.get(OFFSET)
         # (an offset at or before the position: the chunk it is in starts before it)
         if isinstance(offset, int) and (self.since is None or offset > self.since):
-            self.on_delivery(offset, _message_of(headers, delivery.body))
+            self.on_delivery(offset, _message_of(headers, delivery.body, offset))
         if self.held >= ACK_EVERY:
             self._acknowledge()
 
@@ -486,7 +502,7 @@ async def _close(channel: AbstractChannel) -> None:
         await channel.close()
 
 
-def _message_of(headers: Mapping[str, Any], body: bytes) -> Message | None:
+def _message_of(headers: Mapping[str, Any], body: bytes, position: int) -> Message | None:
     """The message as it was published, from the writer's string headers."""
     exchange, key, cc = headers.get(EXCHANGE), headers.get(ROUTING_KEY), headers.get(CC)
     if not isinstance(exchange, str) or not isinstance(key, str) or not isinstance(cc, str):
@@ -495,4 +511,5 @@ def _message_of(headers: Mapping[str, Any], body: bytes) -> Message | None:
         keys = json.loads(cc)
     except ValueError:
         keys = []
-    return Message(exchange, key, headers.get(REDELIVERED) == "1", body, {"CC": keys})
+    redelivered = headers.get(REDELIVERED) == "1"
+    return Message(exchange, key, redelivered, body, {"CC": keys}, position=position)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from . import sse
 from .bindings import BindingError, checked
-from .mends import text_frame_header
+from .mends import text_frame
 from .message import Encoder, Message, strict_json, to_json_bytes
 from .subscribers import BadInput, OverLimit, Subscriber
 from .websocket import WebSocketConnection
@@ -46,7 +46,7 @@ class MessageEncoder:
     def encode(self, message: Message) -> bytes:
         parts = sse.message_data_parts(message)
         text = b"".join((b'{"event":"message","id":"', _random_id(), b'","payload":', *parts, b"}"))
-        return text_frame_header(len(text)) + text if self.framed else text
+        return text_frame(text) if self.framed else text
 
 
 MESSAGES, FRAMED_MESSAGES = MessageEncoder(framed=False), MessageEncoder(framed=True)

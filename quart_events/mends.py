@@ -179,6 +179,11 @@ def text_frame_header(length: int) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, length)
 
 
+def text_frame(text: bytes) -> bytes:
+    """``text`` as a whole text frame, as a server sends it (for ``FRAMES``)."""
+    return text_frame_header(len(text)) + text
+
+
 def batches_installed() -> bool:
     """Whether ``websocket.send`` may carry ``TEXTS`` (mend 5 is in place)."""
     return _installed

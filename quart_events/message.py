@@ -42,6 +42,7 @@ class Message:
         "body",
         "exchange",
         "headers",
+        "position",
         "redelivered",
         "routing_key",
         "via",
@@ -55,6 +56,7 @@ class Message:
         body: bytes,
         headers: Mapping[str, Any] | None = None,
         via: str | None = None,
+        position: int | None = None,
     ) -> None:
         self.exchange = exchange
         self.routing_key = routing_key
@@ -62,6 +64,7 @@ class Message:
         self.body = body
         self.headers = headers
         self.via = via or exchange
+        self.position = position  # its offset in the history, when read from there
         self._cc: list[str] | None = None
         self._payload: bytes | None = None
         self._is_json = False

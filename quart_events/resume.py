@@ -29,7 +29,7 @@ from .errors import BindFailed, BrokerError, client_message
 from .history import History, NotKept, Reader
 from .message import Message
 from .outbox import Outbox
-from .topic import TopicTrie
+from .topic import Bound
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class Wire(Protocol):
 
     def ready(self) -> bytes: ...
 
-    def message(self, position: int, message: Message) -> bytes: ...
+    def message(self, message: Message) -> bytes:
+        """Its frame for ``message``, with ``message.position``."""
 
     def gap(self, asked: int, earliest: int) -> bytes: ...
 
@@ -61,33 +62,31 @@ class Resumed:
         self, history: History, bindings: list[Binding], since: int | None, wire: Wire
     ) -> None:
         self.history = history
-        self.tries: dict[str, TopicTrie[int]] = {}
+        self.bindings = bindings
+        self.bound: Bound[None] = Bound()  # what its replay matches
         for binding in bindings:
-            self.tries.setdefault(binding.exchange, TopicTrie()).add(binding.routing_key_pattern, 0)
+            self.bound.add(binding.exchange, binding.routing_key_pattern, None)
         self.since = since
         self.sent = -1 if since is None else since  # the last position sent
         self.wire = wire
         self.outbox: Outbox | None = None
         self.replay: Reader | None = None
         self.replaying = since is not None
-        self.kept: list[tuple[int, Message]] = []  # heard from the tail while replaying
+        self.kept: list[Message] = []  # heard from the tail while replaying
         self.first = True
         self.replayed = -1  # the last position the replay read
         self.watch: asyncio.TimerHandle | None = None
         self.closed = False
 
     def matches(self, message: Message) -> bool:
-        trie = self.tries.get(message.exchange)
-        if trie is None:
-            return False
-        return bool(trie.match(message.routing_key)) or any(trie.match(k) for k in message.cc)
+        return bool(self.bound.match(message.exchange, message.routing_key, message.cc))
 
     async def open(self, outbox: Outbox) -> None:
         self.outbox = outbox
         history = self.history
         try:
             await asyncio.wait_for(history.connected.wait(), history.pulse.wait_for_broker)
-            await history.keep(self.tries)
+            await history.keep(binding.exchange for binding in self.bindings)
         except (NotKept, BindFailed) as error:
             self.wire.failed(client_message(error))
             return
@@ -97,7 +96,7 @@ class Resumed:
             return
         if self.closed:
             return
-        history.listen(self)  # before the replay starts: the tail covers what follows it
+        history.listen(self, self.bindings)  # before the replay: the tail covers what follows
         outbox.push(self.wire.ready())
         if self.since is None:
             return
@@ -123,10 +122,10 @@ class Resumed:
             self.first = False
             if self.since is not None and offset > self.since + 1:
                 self._push(self.wire.gap(self.since, offset))  # retention removed it
-        if self.kept and offset >= self.kept[0][0]:
+        if self.kept and offset >= _position(self.kept[0]):
             self._hand_over()  # it reached what the tail kept for it
             return
-        self._send(offset, message)
+        self._send(offset, message if message is not None and self.matches(message) else None)
         tail = self.history.tail_offset
         if 0 <= tail <= offset:
             self._hand_over()  # it read all the tail has read: the tail takes it on
@@ -158,28 +157,29 @@ class Resumed:
             self.watch.cancel()
             self.watch = None
         kept, self.kept = self.kept, []
-        for offset, message in kept:
-            self._send(offset, message)
+        for message in kept:
+            self._send(_position(message), message)
 
     # -- live ------------------------------------------------------------------------
 
-    def from_tail(self, offset: int, message: Message) -> None:
-        if not self.matches(message):
-            return
+    def from_tail(self, message: Message) -> None:
+        """A message it is bound to (the tail matched it)."""
         if self.replaying:
             if len(self.kept) < KEEP_WHILE_REPLAYING:
-                self.kept.append((offset, message))
+                self.kept.append(message)
             else:
                 self.kept.clear()  # the replay reads them (it reads to the end)
             return
-        self._send(offset, message)
+        self._send(_position(message), message)
 
     def _send(self, offset: int, message: Message | None) -> None:
+        """Send ``message`` (one it is bound to; none: the offset is only passed), unless
+        it was sent already (the replay and the tail may both read it)."""
         if offset <= self.sent:
             return
         self.sent = offset
-        if message is not None and self.matches(message):
-            self._push(self.wire.message(offset, message))
+        if message is not None:
+            self._push(self.wire.message(message))
 
     def _push(self, frame: bytes) -> None:
         if self.outbox is not None:
@@ -199,3 +199,8 @@ class Resumed:
         if self.watch is not None:
             self.watch.cancel()
             self.watch = None
+
+
+def _position(message: Message) -> int:
+    assert message.position is not None  # read from the history
+    return message.position

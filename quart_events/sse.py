@@ -92,10 +92,16 @@ def unnumbered(name: str, data: str) -> bytes:
 RESUMABLE_READY = unnumbered("ready", "{}")
 
 
-def message_at(message: Message, position: int) -> bytes:
-    """A resumable stream's ``message`` frame: its id is the message's position."""
-    data = b"".join(message_data_parts(message))
-    return b"event: message\ndata: " + data + f"\nid: {position}\n\n".encode()
+class Positioned:
+    """A resumable stream's ``message`` frame: its id is the message's position (the
+    same bytes for every resumable stream that gets it: ``Message.encoded``)."""
+
+    def encode(self, message: Message) -> bytes:
+        position = f"\nid: {message.position}\n\n".encode()
+        return b"".join((b"event: message\ndata: ", *message_data_parts(message), position))
+
+
+POSITIONED = Positioned()
 
 
 def gap(asked: int, earliest: int) -> bytes:

@@ -66,6 +66,7 @@ class DataEncoder:
 DATA = DataEncoder()
 DATA_START, DATA_MIDDLE = b'{"type":"data","subscriptionId":"', b'","message":'
 DATA_WRAPPING = len(DATA_START) + len(DATA_MIDDLE) + 1  # and the closing brace
+POSITIONED = "positioned"  # the key of a resumable subscription's frames in Message.shared
 
 
 class TaskclusterSocket(WebSocketConnection):
@@ -167,9 +168,9 @@ class TaskclusterSocket(WebSocketConnection):
             raise ProtocolError("since must be a position (a data frame's) or null")
         if not self.history.enabled:
             raise ProtocolError("This server keeps no history: since is not available")
-        for binding in bindings:
-            if not self.history.keeps(binding.exchange):
-                raise ProtocolError(f"No history is kept for exchange `{binding.exchange}`")
+        unkept = self.history.unkept(binding.exchange for binding in bindings)
+        if unkept is not None:
+            raise ProtocolError(unkept)
         return since
 
     def _stop(self) -> None:
@@ -280,10 +281,18 @@ class ResumeWire:
     def ready(self) -> bytes:
         return self.socket.acknowledgement(self.label)
 
-    def message(self, position: int, message: Message) -> bytes:
-        self.socket.messages += 1
-        head = DATA_START + self.label + b'","position":' + str(position).encode()
-        return self.socket.wire(b"".join((head, b',"message":', message.encoded(DATA), b"}")))
+    def message(self, message: Message) -> bytes:
+        """Its ``data`` frame with the position: made once per message and id, as
+        ``address`` makes the others."""
+        socket = self.socket
+        socket.messages += 1
+        key = (POSITIONED, self.label, socket.raw_frames)
+        frame = message.shared.get(key)
+        if frame is None:
+            head = DATA_START + self.label + b'","position":' + str(message.position).encode()
+            text = b"".join((head, b',"message":', message.encoded(DATA), b"}"))
+            frame = message.shared[key] = socket.wire(text)
+        return frame
 
     def gap(self, asked: int, earliest: int) -> bytes:
         frame = {"type": "gap", "subscriptionId": self.label.decode()}

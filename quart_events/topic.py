@@ -297,3 +297,30 @@ class TopicTrie(Generic[T]):
         self._trie.match(keys, found)
         self._inner.match(keys, found)
         return found
+
+
+class Bound(Generic[T]):
+    """Items bound by (exchange, pattern) pairs, matched as RabbitMQ routes a message:
+    by its routing key or any of its ``CC`` keys, each item once."""
+
+    def __init__(self) -> None:
+        self._tries: dict[str, TopicTrie[T]] = {}
+
+    def add(self, exchange: str, pattern: str, item: T) -> None:
+        self._tries.setdefault(exchange, TopicTrie()).add(pattern, item)
+
+    def discard(self, exchange: str, pattern: str, item: T) -> None:
+        trie = self._tries.get(exchange)
+        if trie is not None:
+            trie.discard(pattern, item)
+            if not len(trie):
+                del self._tries[exchange]
+
+    def match(self, exchange: str, routing_key: str, cc: list[str]) -> set[T]:
+        trie = self._tries.get(exchange)
+        if trie is None:
+            return set()
+        found = trie.match(routing_key)
+        for key in cc:
+            found |= trie.match(key)
+        return found

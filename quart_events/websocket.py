@@ -20,7 +20,7 @@ from typing import Any, ClassVar, cast
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, WebsocketScope
 
 from .errors import TOO_SLOW
-from .mends import FRAMES, RAW_FRAMES, TEXTS, batches_installed, text_frame_header
+from .mends import FRAMES, RAW_FRAMES, TEXTS, batches_installed, text_frame
 from .message import Encoder, Message
 from .metrics import EndReason
 from .settings import ServerSettings
@@ -137,7 +137,7 @@ class WebSocketConnection:
 
     def wire(self, text: bytes) -> bytes:
         """A text message as the outbox holds it: a whole frame when the socket allows."""
-        return text_frame_header(len(text)) + text if self.raw_frames else text
+        return text_frame(text) if self.raw_frames else text
 
     # -- what each protocol says ----------------------------------------------------
 

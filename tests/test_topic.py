@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quart_events.topic import TopicTrie, canonical_words, split_words
+from quart_events.topic import Bound, TopicTrie, canonical_words, split_words
 
 
 def matches(pattern: str, key: str) -> bool:
@@ -238,3 +238,19 @@ def test_the_issues_costly_patterns_match_as_rabbitmq_would() -> None:
         trie.add(pattern, n)
     for key in (".".join(["a"] * 128), ".".join(["a"] * 119), ".".join(["a"] * 127 + ["b"])):
         assert trie.match(key) == {n for n, p in enumerate(patterns) if reference_match(p, key)}
+
+
+def test_bound_items_match_by_routing_key_or_any_cc_key_once() -> None:
+    """As RabbitMQ routes to a queue: the routing key or a ``CC`` key, the queue once."""
+    bound: Bound[str] = Bound()
+    bound.add("ex", "primary.#", "a")
+    bound.add("ex", "route.index.#", "a")
+    bound.add("ex", "route.index.#", "b")
+    bound.add("other", "#", "c")
+    assert bound.match("ex", "primary.task", ["route.index.x"]) == {"a", "b"}
+    assert bound.match("ex", "nothing", ["route.notify.x"]) == set()
+    assert bound.match("missing", "primary.task", []) == set()
+    bound.discard("ex", "route.index.#", "b")
+    assert bound.match("ex", "nothing", ["route.index.x"]) == {"a"}
+    bound.discard("other", "#", "c")
+    assert bound.match("other", "k", []) == set()

@@ -224,7 +224,7 @@ class ConnectEndpoint:
                 resumed = Resumed(self.history, bindings, position, wire)
             del bindings  # this frame lives as long as the stream: keep it small
         if not isinstance(admitted, Subscriber):
-            await self._refuse(send, event_source, admitted)
+            await self._refuse(send, event_source, admitted, resume)
             return
         client.outbox = admitted.outbox
         try:
@@ -268,7 +268,9 @@ class ConnectEndpoint:
             raise BindingError(unkept)
         return None if position is None else int(position)
 
-    async def _refuse(self, send: ASGISendCallable, event_source: bool, refusal: Refusal) -> None:
+    async def _refuse(
+        self, send: ASGISendCallable, event_source: bool, refusal: Refusal, resume: bool = False
+    ) -> None:
         """Bad input: a stream of its ``error``. Shutting down: a stream that ends at once
         and sends the client elsewhere. Over a limit: an EventSource stops for good on a
         503, so it gets that same stream that asks it to come back later; other clients
@@ -276,7 +278,9 @@ class ConnectEndpoint:
         if isinstance(refusal, BadInput):
             await self._stream_of(send, sse.error(refusal.message))
         elif isinstance(refusal, ShuttingDown) or event_source:
-            await self._stream_of(send, sse.goodbye(refusal.retry_ms))
+            # A resumable stream keeps its id: it comes back from where it was.
+            goodbye = sse.come_back if resume else sse.goodbye
+            await self._stream_of(send, goodbye(refusal.retry_ms))
         else:
             assert isinstance(refusal, OverLimit)
             retry_after = str(max(1, -(-refusal.retry_ms // 1000))).encode()

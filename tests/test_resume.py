@@ -379,3 +379,25 @@ async def test_listen_resume_keeps_its_place_across_a_restart(
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_a_resumable_stream_turned_away_keeps_its_place(
+    namespace: str, exchange_name: str
+) -> None:
+    """Over the stream limit, an EventSource is asked to come back later; a resumable
+    one with a frame that keeps its last id (no ``id:`` line), so that it resumes from
+    there instead of from now."""
+    env = {**KEPT, "TC_EVENTS_SERVER__MAX_STREAMS": "1"}
+    server = EventsServer.start(env, namespace=namespace)
+    try:
+        url = resume_url(server, [bound(exchange_name, "#")])
+        async with SSEReader(url) as holder:
+            await holder.wait_for("ready")
+            headers = {"Accept": "text/event-stream", "Last-Event-ID": "7"}
+            async with httpx.AsyncClient(timeout=10) as client:
+                turned_away = await client.get(url, headers=headers)
+        assert turned_away.status_code == 200
+        assert turned_away.text.startswith("event: reconnect\ndata: {}\nretry: ")
+        assert "\nid:" not in turned_away.text
+    finally:
+        server.stop()

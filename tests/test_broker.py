@@ -204,6 +204,9 @@ async def test_the_server_starts_while_the_broker_is_down() -> None:
                 async with SSEReader(server.url([])) as empty:
                     await empty.wait_for("ready")  # no bindings: nothing to wait for
                 proxy.restore()
+                # (its next try is up to reconnect_max_delay away: as long as a stream
+                # waits, so a stream opened at once could meet either)
+                await wait_until(lambda: server.stats()["broker_connected"], timeout=20)
                 async with SSEReader(server.url(binding(exchange))) as later:
                     await later.wait_for("ready", timeout=20)
                     await publish(exchange, "k", b"2")

@@ -216,7 +216,8 @@ async def test_the_slow_client_limit_holds_under_http2_flow_control(
             await publish(exchange, f"slow.{n}", body)
         await wait_until(lambda: stats(server, certificates)["too_slow"] > before["too_slow"])
         # Its frames can never go out: it is dropped after write_timeout, binding and all.
-        await wait_until(lambda: stats(server, certificates)["streams"] == before["streams"], 20)
+        # (at most as many as before: an earlier test's stream may end meanwhile too)
+        await wait_until(lambda: stats(server, certificates)["streams"] <= before["streams"], 20)
         await wait_until(lambda: (exchange.name, "slow.#") not in server.broker_bindings(), 20)
     finally:
         slow.sock.close()

@@ -5,6 +5,7 @@ A test that cannot reach the broker fails (the ``amqp`` fixture raises); nothing
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
@@ -82,6 +83,16 @@ async def exchange_name() -> AsyncIterator[str]:
         yield name
     finally:
         await delete_exchange(name)
+
+
+@pytest.fixture
+def history_namespace() -> Iterator[str]:
+    """A namespace of its own for servers that keep history; its history (durable
+    queues) deleted afterwards."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    yield name
+    prefix = f"queue/{name}/events/history"
+    asyncio.run(helpers.delete_queues(prefix, prefix + "-feed"))
 
 
 @pytest.fixture(scope="module")

@@ -270,6 +270,14 @@ async def delete_exchange(name: str) -> None:
         await channel.exchange_delete(name)
 
 
+async def delete_queues(*names: str) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
 async def publish(
     exchange: aio_pika.abc.AbstractExchange | str,
     key: str,

@@ -4,16 +4,19 @@ against a real server process and the real broker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from helpers import (
     AMQP_URL,
     EventsServer,
     RatePublisher,
+    SSEReader,
+    connect_target,
     declare_exchange,
     delete_exchange,
     publish,
@@ -308,6 +313,113 @@ def test_disconnect_and_reconnect_after_the_server_restarts(driver: Any, topic: 
             second.stop()
     finally:
         first.stop()
+
+
+class BadGateway(BaseHTTPRequestHandler):
+    """What a proxy answers while the instance behind it restarts."""
+
+    def do_GET(self) -> None:
+        self.send_response(502)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def answering_502(port: int) -> Iterator[None]:
+    proxy = ThreadingHTTPServer(("127.0.0.1", port), BadGateway)
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        thread.join(10)
+
+
+async def written(server: EventsServer, topic: str, publishing: Any) -> None:
+    """Run ``publishing`` while a resumable stream of ``server`` listens, until that
+    stream has had every message: the history holds them all."""
+    url = f"{server.base}{connect_target([{'exchange': topic, 'routingKeyPattern': '#'}])}"
+    async with SSEReader(url + "&resume=true") as reader:
+        await reader.wait_for("ready")
+        count = await publishing()
+        await reader.wait_for("message", count, timeout=60)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_resuming_page_misses_nothing_across_restarts_and_shows_a_gap(
+    driver: Any, topic: str, history_namespace: str
+) -> None:
+    """With "resume after reconnects": the server restarts (the browser comes back with
+    its Last-Event-ID) and nothing published meanwhile is missed. Then the instance is
+    away behind a proxy answering 502 (the browser gives up; the page opens the stream
+    again with ``since=``) while retention removes part of what it missed: the page says
+    so, and shows the rest, each message once, in order."""
+    env = {
+        "TC_EVENTS_HISTORY__EXCHANGES": '["exchange/test/*"]',
+        "TC_EVENTS_HISTORY__MAX_BYTES": "65536",
+        "TC_EVENTS_HISTORY__SEGMENT_BYTES": "4096",
+        "TC_EVENTS_SERVER__RETRY_MIN_MS": "300",
+        "TC_EVENTS_SERVER__RETRY_MAX_MS": "400",
+    }
+    other = EventsServer.start(env, namespace=history_namespace)  # the rest of the deployment
+    servers = [EventsServer.start(env, namespace=history_namespace)]
+    port = servers[0].port
+    try:
+        page = Inspector(driver, servers[0])
+        page.open()
+        page.set_binding(0, topic, "#")
+        page.click("resume")
+        assert shlex.split(page.copied("copy-command"))[-1] == "--resume"
+        assert "&resume=true" in page.copied("copy-url")
+        page.click("connect")
+        page.wait_state("ready")
+        send(topic, "k.0", {})
+        page.wait(lambda: len(page.rows()) == 1)
+
+        servers[0].stop()  # SIGTERM: its reconnect frame keeps the last id
+        page.wait_state("reconnecting")
+        send(topic, "k.1", {})
+        send(topic, "k.2", {})
+        servers.append(EventsServer.start(env, port=port, namespace=history_namespace))
+        page.wait(lambda: len(page.rows()) == 3, timeout=60, what="the missed ones")
+        assert [row[2] for row in page.rows()] == ["k.2", "k.1", "k.0"]
+
+        servers[1].stop()
+        with answering_502(port):
+            page.wait(
+                lambda: "next try in" in page.state(), timeout=30, what="the page's own retry"
+            )
+
+            async def many() -> int:
+                for n in range(300):  # about 300 KiB: retention removes the first segments
+                    await publish(topic, f"pad.{n}", json.dumps({"pad": "x" * 1000}).encode())
+                return 300
+
+            asyncio.run(written(other, topic, many))
+        servers.append(EventsServer.start(env, port=port, namespace=history_namespace))
+        page.wait_state("ready", timeout=60)
+        page.wait(lambda: page.rows()[0][2] == "pad.299", timeout=60, what="the replay")
+        notice = page.element("notice")
+        assert notice.is_displayed()
+        assert re.search(r"after position \d+ are no longer kept; resumed from \d+", notice.text)
+        keys = [row[2] for row in reversed(page.rows())]
+        assert keys[:3] == ["k.0", "k.1", "k.2"]
+        padded = [int(key.split(".")[1]) for key in keys[3:]]
+        assert padded[0] > 0 and padded == list(range(padded[0], 300))  # once, in order
+
+        send(topic, "k.live", {})
+        page.wait(lambda: page.rows()[0][2] == "k.live")
+        assert len(page.rows()) == len(keys) + 1
+    finally:
+        for server in servers:
+            server.stop()
+        other.stop()
 
 
 @pytest.mark.browser

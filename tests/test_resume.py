@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,6 @@ pytestmark = pytest.mark.broker
 KEPT = {"TC_EVENTS_HISTORY__EXCHANGES": '["exchange/test/*"]'}
 
 
-@pytest.fixture
-async def namespace() -> AsyncIterator[str]:
-    """A namespace of its own, and its history (durable queues) deleted afterwards."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    yield name
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (f"queue/{name}/events/history", f"queue/{name}/events/history-feed"):
-            await channel.queue_delete(queue)
-
-
 @pytest.fixture(scope="module")
 def node_modules() -> Iterator[Path]:
     with npm_modules("es3@npm:eventsource@3") as modules:
@@ -52,8 +40,8 @@ def node_modules() -> Iterator[Path]:
 
 
 @pytest.fixture
-def kept_server(namespace: str) -> Iterator[EventsServer]:
-    server = EventsServer.start(KEPT, namespace=namespace)
+def kept_server(history_namespace: str) -> Iterator[EventsServer]:
+    server = EventsServer.start(KEPT, namespace=history_namespace)
     try:
         yield server
     finally:
@@ -113,7 +101,7 @@ async def test_a_stream_resumes_from_its_last_event_id_without_gap_or_duplicate(
 
 
 async def test_positions_are_valid_on_another_instance(
-    kept_server: EventsServer, namespace: str, exchange_name: str
+    kept_server: EventsServer, history_namespace: str, exchange_name: str
 ) -> None:
     """A stream that resumes on another server of the deployment (the same history)
     gets what it missed: ``since=`` on a first request there."""
@@ -124,7 +112,7 @@ async def test_positions_are_valid_on_another_instance(
         await first.wait_for("message")
     position = messages(first)[0][0]
     await publish(exchange_name, "k", b'"missed"')
-    other = EventsServer.start(KEPT, namespace=namespace)
+    other = EventsServer.start(KEPT, namespace=history_namespace)
     try:
         since = f"&since={position}"
         async with SSEReader(resume_url(other, [bound(exchange_name, "#")], since)) as there:
@@ -206,7 +194,9 @@ async def test_a_resumable_stream_after_its_error_gets_204(
     assert response.status_code == 204
 
 
-async def test_retention_gives_a_gap_before_the_replay(namespace: str, exchange_name: str) -> None:
+async def test_retention_gives_a_gap_before_the_replay(
+    history_namespace: str, exchange_name: str
+) -> None:
     """A position older than what is kept: ``gap`` names what was asked and the oldest
     kept, then the replay from there."""
     env = {
@@ -214,7 +204,7 @@ async def test_retention_gives_a_gap_before_the_replay(namespace: str, exchange_
         "TC_EVENTS_HISTORY__MAX_BYTES": "65536",
         "TC_EVENTS_HISTORY__SEGMENT_BYTES": "4096",
     }
-    server = EventsServer.start(env, namespace=namespace)
+    server = EventsServer.start(env, namespace=history_namespace)
     try:
         url = resume_url(server, [bound(exchange_name, "#")])
         async with SSEReader(url) as live:
@@ -237,13 +227,13 @@ async def test_retention_gives_a_gap_before_the_replay(namespace: str, exchange_
 
 
 async def test_a_writer_killed_while_messages_flow_loses_none(
-    namespace: str, exchange_name: str
+    history_namespace: str, exchange_name: str
 ) -> None:
     """The first instance writes the history (the broker's single active consumer of the
     feed); killed mid-flow, the broker hands the feed and what it had not acknowledged to
     the other: a resumed stream there gets every message (one in flight may come twice)."""
-    writer = EventsServer.start(KEPT, namespace=namespace)
-    other = EventsServer.start(KEPT, namespace=namespace)
+    writer = EventsServer.start(KEPT, namespace=history_namespace)
+    other = EventsServer.start(KEPT, namespace=history_namespace)
     try:
         url = resume_url(other, [bound(exchange_name, "#")])
         async with SSEReader(url) as reader:
@@ -268,14 +258,16 @@ async def test_a_writer_killed_while_messages_flow_loses_none(
 
 
 async def test_an_event_source_resumes_after_the_broker_link_was_cut(
-    namespace: str, exchange_name: str, node_modules: Path
+    history_namespace: str, exchange_name: str, node_modules: Path
 ) -> None:
     """The npm EventSource, unmodified: the link to the broker is cut (the history with
     it), messages are published meanwhile; the stream ends with a frame that keeps the
     last id, the client comes back with ``Last-Event-ID`` and gets what it missed, then
     the live ones: every message once, in order."""
     with TcpProxy.running() as proxy:
-        server = EventsServer.start({**KEPT, "PULSE_PORT": str(proxy.port)}, namespace=namespace)
+        server = EventsServer.start(
+            {**KEPT, "PULSE_PORT": str(proxy.port)}, namespace=history_namespace
+        )
         try:
             client = NodeClient(
                 node_modules, "es3", resume_url(server, [bound(exchange_name, "#")])
@@ -346,12 +338,12 @@ async def test_the_2026_websocket_resumes_with_since_and_positions(
 
 
 async def test_listen_resume_keeps_its_place_across_a_restart(
-    namespace: str, exchange_name: str
+    history_namespace: str, exchange_name: str
 ) -> None:
     """``tc-events listen --resume``: the server is restarted while messages are
     published; listen comes back with the last position and prints every one, once."""
     env = {**KEPT, "TC_EVENTS_SERVER__RETRY_MIN_MS": "300", "TC_EVENTS_SERVER__RETRY_MAX_MS": "400"}
-    first = EventsServer.start(env, namespace=namespace)
+    first = EventsServer.start(env, namespace=history_namespace)
     second = None
     listening = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "quart_events", "listen", "--resume", "--count", "4"),
@@ -368,7 +360,7 @@ async def test_listen_resume_keeps_its_place_across_a_restart(
         assert await asyncio.to_thread(first.stop) == 0
         for n in range(2, 4):  # while no server is up: kept by the feed
             await publish(exchange_name, "k", str(n).encode())
-        second = EventsServer.start(env, port=first.port, namespace=namespace)
+        second = EventsServer.start(env, port=first.port, namespace=history_namespace)
         stdout, stderr = await asyncio.wait_for(listening.communicate(), 60)
         assert listening.returncode == 0, stderr
         lines += stdout.splitlines()
@@ -382,13 +374,13 @@ async def test_listen_resume_keeps_its_place_across_a_restart(
 
 
 async def test_a_resumable_stream_turned_away_keeps_its_place(
-    namespace: str, exchange_name: str
+    history_namespace: str, exchange_name: str
 ) -> None:
     """Over the stream limit, an EventSource is asked to come back later; a resumable
     one with a frame that keeps its last id (no ``id:`` line), so that it resumes from
     there instead of from now."""
     env = {**KEPT, "TC_EVENTS_SERVER__MAX_STREAMS": "1"}
-    server = EventsServer.start(env, namespace=namespace)
+    server = EventsServer.start(env, namespace=history_namespace)
     try:
         url = resume_url(server, [bound(exchange_name, "#")])
         async with SSEReader(url) as holder:

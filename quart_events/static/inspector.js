@@ -50,7 +50,13 @@ function bindingsJson() {
 function keepInPageUrl() {
   const url = new URL(location.href);
   url.searchParams.set("bindings", bindingsJson());
+  if (resuming()) url.searchParams.set("resume", "true");
+  else url.searchParams.delete("resume");
   history.replaceState(null, "", url);
+}
+
+function resuming() {
+  return $("resume").checked;
 }
 
 function renderBindings() {
@@ -115,7 +121,13 @@ function setUpPresets() {
 function streamUrl() {
   const url = new URL("api/events/v1/connect/", base);
   url.searchParams.set("bindings", bindingsJson());
+  if (resuming()) url.searchParams.set("resume", "true");
   return url.href;
+}
+
+function showNotice(text) {
+  $("notice").textContent = text;
+  $("notice").hidden = !text;
 }
 
 function showState(name, detail = "") {
@@ -142,6 +154,7 @@ function showPingAge() {
 function connect() {
   stream?.close();
   lastPing = null;
+  showNotice("");
   stream = new Stream(streamUrl(), {
     state: showState,
     message: (data) => view.add(data),
@@ -149,7 +162,11 @@ function connect() {
       lastPing = Date.now();
       showPingAge();
     },
-  });
+    gap: (asked, earliest) => showNotice(
+      `Messages after position ${asked} are no longer kept; resumed from ${earliest}. ` +
+      "Some were missed: re-check what you were waiting for.",
+    ),
+  }, resuming());
   stream.open();
 }
 
@@ -170,6 +187,7 @@ function listenCommand() {
   for (const b of JSON.parse(bindingsJson()).bindings) {
     words.push("-e", b.exchange, "-p", b.routingKeyPattern);
   }
+  if (resuming()) words.push("--resume");
   return words.map(shellQuote).join(" ");
 }
 
@@ -193,6 +211,8 @@ async function copy(what, text) {
 // --- wiring ----------------------------------------------------------------
 
 setUpPresets();
+$("resume").checked = new URLSearchParams(location.search).get("resume") === "true";
+$("resume").addEventListener("change", keepInPageUrl);
 renderBindings();
 showState("idle");
 $("add-binding").addEventListener("click", () => {

@@ -58,7 +58,9 @@ WRITE_AHEAD = 500  # messages of the feed the writer holds, written but not yet 
 # Readers (a channel each) per AMQP connection: RabbitMQ allows 2,047 channels on one
 # and closes the whole connection past it; more readers open more connections.
 READERS_PER_CONNECTION = 1000
-ROOM = 0.5  # a reader acknowledges while its outbox is below this share of its bound
+ROOM = 0.5  # a reader acknowledges while its outbox, and all the broker may still send
+# it (``PREFETCH`` messages of the size read so far), stay below this share of its bound
+FRAMING = 200  # bytes a frame adds to a message's body, about
 PACE = 0.05  # seconds between looks at a full outbox
 EXCHANGE, ROUTING_KEY, CC, REDELIVERED = "x-tc-exchange", "x-tc-routing-key", "x-tc-cc", "x-tc-re"
 OFFSET = "x-stream-offset"
@@ -412,6 +414,7 @@ class Reader:
         self.channel: AbstractChannel | None = None
         self.raw: aiormq.abc.AbstractChannel | None = None
         self.held = 0  # read, not yet acknowledged
+        self.read_bytes = self.read_count = 0  # bodies read: their mean size sizes its window
         self.last_tag = 0  # the delivery tag of the last one read
         self.pacer: asyncio.TimerHandle | None = None
         self.paced = False  # waiting for its client to take what it has
@@ -435,6 +438,8 @@ class Reader:
         if self.stopped:
             return
         self.held += 1
+        self.read_count += 1
+        self.read_bytes += len(delivery.body)
         self.heard_at = time.monotonic()
         self.last_tag = delivery.delivery_tag or self.last_tag
         headers = delivery.header.properties.headers or {}
@@ -446,15 +451,13 @@ class Reader:
             self._acknowledge()
 
     def _acknowledge(self) -> None:
-        """Acknowledge what was read while the client's outbox has room; else look again
-        soon (the broker sends nothing more meanwhile)."""
+        """Acknowledge what was read while the client's outbox has room for all the
+        broker may send next; else look again soon (the broker sends nothing more
+        meanwhile)."""
         outbox = self.outbox
         if self.stopped or not self.held:
             return
-        if outbox is None or (
-            len(outbox.frames) < outbox.max_frames * ROOM
-            and outbox.buffered_bytes < outbox.max_bytes * ROOM
-        ):
+        if outbox is None or self._room(outbox):
             assert self.raw is not None
             self.held, self.paced = 0, False  # it and every one before it
             self.history.later(_ack(self.raw, self.last_tag))
@@ -462,6 +465,19 @@ class Reader:
             self.paced = True
             if self.pacer is None and not outbox.finished:
                 self.pacer = asyncio.get_running_loop().call_later(PACE, self._paced)
+
+    def _room(self, outbox: Outbox) -> bool:
+        """Whether its outbox holds, besides what waits in it, a whole window of the
+        broker's (``PREFETCH`` messages, as large as the mean so far) within ``ROOM``;
+        an empty one always does (messages larger than the window allows: one window
+        at a time, and past the bound the client is too slow and resumes)."""
+        if not outbox.frames:
+            return True
+        window = PREFETCH * (self.read_bytes // max(1, self.read_count) + FRAMING)
+        return (
+            len(outbox.frames) + PREFETCH <= outbox.max_frames * ROOM
+            and outbox.buffered_bytes + window <= outbox.max_bytes * ROOM
+        )
 
     def _paced(self) -> None:
         self.pacer = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,10 @@ from helpers import (
     EventsServer,
     NodeClient,
     SSEReader,
+    arabbitmqctl,
     connect_target,
+    declare_exchange,
+    delete_exchange,
     npm_modules,
     publish,
     wait_until,
@@ -393,3 +397,104 @@ async def test_a_resumable_stream_turned_away_keeps_its_place(
         assert "\nid:" not in turned_away.text
     finally:
         server.stop()
+
+
+class HeldReplay:
+    """A resumable stream read over a small receive buffer: it reads a few messages,
+    then nothing until told, so its replay is held half-way (paced by its outbox)."""
+
+    def __init__(self, url: str, last_event_id: int) -> None:
+        self.url = httpx.URL(url)
+        self.last_event_id = last_event_id
+        self.heard: list[tuple[int, Any]] = []  # (position, payload) of each message
+        self.kinds: list[str] = []
+        self.buffer = b""
+
+    async def open(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.url.port))
+        self.reader, self.writer = await asyncio.open_connection(sock=sock)
+        target = self.url.raw_path.decode()
+        self.writer.write(
+            f"GET {target} HTTP/1.0\r\nHost: x\r\nAccept: text/event-stream\r\n"
+            f"Last-Event-ID: {self.last_event_id}\r\nConnection: close\r\n\r\n".encode()
+        )
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 20)
+        assert head.startswith(b"HTTP/1.1 200"), head  # (not chunked: asked in 1.0)
+
+    async def read(self, messages: int | None = None, timeout: float = 60) -> None:
+        """Until ``messages`` more messages were heard, or (none) to the stream's end
+        """
+        target = None if messages is None else len(self.heard) + messages
+        async with asyncio.timeout(timeout):
+            while target is None or len(self.heard) < target:
+                chunk = await self.reader.read(4096)
+                if not chunk:
+                    return
+                self.buffer += chunk
+                *frames, self.buffer = self.buffer.split(b"\n\n")
+                for frame in frames:
+                    self._frame(frame.decode())
+
+    def _frame(self, text: str) -> None:
+        fields = dict(line.split(": ", 1) for line in text.split("\n") if ": " in line)
+        kind = fields.get("event", "message")
+        self.kinds.append(kind)
+        if kind == "message":
+            self.heard.append((int(fields["id"]), json.loads(fields["data"])["payload"]))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@pytest.mark.slow
+async def test_broker_restarts_during_replays_lose_nothing(history_namespace: str) -> None:
+    """Two broker restarts, each while a replay is held half-way by its client: the
+    stream ends with the frame that keeps its last id, the client resumes from it once
+    the broker is back, and in the end it has had every message once, in order."""
+    exchange = f"exchange/test/restart-{uuid.uuid4().hex[:6]}"
+    await declare_exchange(exchange, durable=True)  # it outlives the restarts
+    count = 3000
+    env = {**KEPT, "TC_EVENTS_SERVER__BUFFER_BYTES": "262144"}
+    server = EventsServer.start(env, namespace=history_namespace)
+    try:
+        url = resume_url(server, [bound(exchange, "#")])
+        async with SSEReader(url) as live:
+            await live.wait_for("ready")
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                target = await (await connection.channel()).get_exchange(exchange)
+                for n in range(count):
+                    body = json.dumps({"n": n, "pad": "x" * 1000}).encode()
+                    await target.publish(aio_pika.Message(body), routing_key=f"k.{n}")
+            await live.wait_for("message", count, timeout=60)
+        positions = [int(event.id) for event in live.named("message")]
+        heard: list[tuple[int, Any]] = []
+        last = positions[0]  # resumed from the first: every later one is owed
+        for _ in range(2):
+            held = HeldReplay(url, last)
+            await held.open()
+            try:
+                await held.read(messages=20)
+                assert server.stats()["history"]["replaying"] == 1  # held, not done
+                try:
+                    await arabbitmqctl("stop_app")
+                    await held.read()  # what was on its way, then the frame to come back
+                finally:
+                    await arabbitmqctl("start_app")
+            finally:
+                held.close()
+            assert held.kinds[-1] == "reconnect" and 20 <= len(held.heard) < count - 1
+            heard += held.heard
+            last = held.heard[-1][0]
+        async with SSEReader(url, headers={"Last-Event-ID": str(last)}) as rest:
+            await rest.wait_for("message", count - 1 - len(heard), timeout=120)
+            heard += [(int(e.id), json.loads(e.data)["payload"]) for e in rest.named("message")]
+        assert [position for position, _ in heard] == positions[1:]
+        assert [payload["n"] for _, payload in heard] == list(range(1, count))
+    finally:
+        server.stop()
+        await arabbitmqctl("start_app")  # idempotent: the broker is up for whatever follows
+        await delete_exchange(exchange)

@@ -341,6 +341,52 @@ async def test_the_2026_websocket_resumes_with_since_and_positions(
     assert [frame["position"] for frame in again][:2] == positions[1:]
 
 
+async def test_a_2026_websocket_whose_history_is_lost_closes_1012_and_resumes(
+    history_namespace: str, exchange_name: str
+) -> None:
+    """The link to the broker is cut while a resumable subscription is live: the socket
+    closes with 1012 (come back); subscribed again from its last position, it gets what
+    was published while it was away, then the live ones."""
+    with TcpProxy.running() as proxy:
+        env = {**KEPT, "PULSE_PORT": str(proxy.port)}
+        server = EventsServer.start(env, namespace=history_namespace)
+        try:
+            url = f"ws://127.0.0.1:{server.port}/subscription/raw"
+            subscribe = {
+                "type": "subscribe",
+                "bindings": [{"exchange": exchange_name, "pattern": "#"}],
+                "since": None,
+            }
+            async with websockets.connect(url) as socket:
+                await socket.send('{"type": "connection_init"}')
+                await socket.recv()
+                await socket.send(json.dumps(subscribe))
+                assert json.loads(await socket.recv())["type"] == "subscribe_ack"
+                await publish(exchange_name, "k", b"0")
+                first = json.loads(await asyncio.wait_for(socket.recv(), 10))
+                proxy.cut()
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(socket.recv(), 30)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
+            for n in (1, 2):  # while the history is away: kept by the feed
+                await publish(exchange_name, "k", str(n).encode())
+            proxy.restore()
+            await wait_until(lambda: server.stats()["history"]["connected"], timeout=30)
+            async with websockets.connect(url) as socket:
+                await socket.send('{"type": "connection_init"}')
+                await socket.recv()
+                await socket.send(json.dumps({**subscribe, "since": first["position"]}))
+                assert json.loads(await socket.recv())["type"] == "subscribe_ack"
+                again = [json.loads(await asyncio.wait_for(socket.recv(), 20)) for _ in range(2)]
+                await publish(exchange_name, "k", b"3")
+                again.append(json.loads(await asyncio.wait_for(socket.recv(), 20)))
+            assert [frame["message"]["payload"] for frame in [first, *again]] == [0, 1, 2, 3]
+            positions = [frame["position"] for frame in [first, *again]]
+            assert positions == sorted(set(positions))
+        finally:
+            server.stop()
+
+
 async def test_listen_resume_keeps_its_place_across_a_restart(
     history_namespace: str, exchange_name: str
 ) -> None:
@@ -425,8 +471,7 @@ class HeldReplay:
         assert head.startswith(b"HTTP/1.1 200"), head  # (not chunked: asked in 1.0)
 
     async def read(self, messages: int | None = None, timeout: float = 60) -> None:
-        """Until ``messages`` more messages were heard, or (none) to the stream's end
-        """
+        """Until ``messages`` more messages were heard, or (none) to the stream's end"""
         target = None if messages is None else len(self.heard) + messages
         async with asyncio.timeout(timeout):
             while target is None or len(self.heard) < target:

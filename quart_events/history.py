@@ -60,6 +60,7 @@ WRITE_AHEAD = 500  # messages of the feed the writer holds, written but not yet 
 READERS_PER_CONNECTION = 1000
 ROOM = 0.5  # a reader acknowledges while its outbox, and all the broker may still send
 # it (``PREFETCH`` messages of the size read so far), stay below this share of its bound
+END_WAIT = 1.0  # seconds a new tail waits for the stream's last chunk (none: it is empty)
 FRAMING = 200  # bytes a frame adds to a message's body, about
 PACE = 0.05  # seconds between looks at a full outbox
 EXCHANGE, ROUTING_KEY, CC, REDELIVERED = "x-tc-exchange", "x-tc-routing-key", "x-tc-cc", "x-tc-re"
@@ -332,10 +333,36 @@ class History:
         """The process's one reader of what is written from now on: every resumable
         subscription that has caught up hears it from here."""
         if self.tail is None or self.tail.stopped:
-            # A new tail reads from the next message on: what it has read says nothing
-            # of what was written before it (resume.py hands over by it).
-            self.tail_offset = -1
-            self.tail = await self._reader(None, self._from_tail, self._tail_lost, None)
+            # It reads on from a message at the stream's end, so a replay that has read
+            # that one is caught up (resume.py hands over by ``tail_offset``); on an
+            # empty stream, from the next message on (-1: nothing known yet).
+            end = await self._end_offset()
+            self.tail_offset = -1 if end is None else end
+            self.tail = await self._reader(end, self._from_tail, self._tail_lost, None)
+
+    async def _end_offset(self) -> int | None:
+        """The offset of a message in the stream's last chunk (the broker sends that
+        chunk first to a consumer from ``last``), or ``None`` when nothing comes soon:
+        an empty stream. AMQP has no call that says where a stream ends."""
+        link = await self._link()
+        channel = await link.connection.channel()
+        try:
+            raw = await channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=1)
+            found: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def seen(delivery: DeliveredMessage) -> None:
+                offset = (delivery.header.properties.headers or {}).get(OFFSET)
+                if isinstance(offset, int) and not found.done():
+                    found.set_result(offset)
+
+            await raw.basic_consume(self.stream_name, seen, arguments={OFFSET: "last"})
+            try:
+                return await asyncio.wait_for(found, END_WAIT)
+            except TimeoutError:
+                return None
+        finally:
+            await _close(channel)
 
     def _from_tail(self, offset: int, message: Message | None) -> None:
         self.tail_offset = offset

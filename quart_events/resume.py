@@ -6,9 +6,10 @@ The hand-over, without gap or duplicate (Mercure's order: live first, history up
 it). The subscription listens to the tail before its replay starts, and keeps what
 the tail hears meanwhile (bounded). The replay, read from the position in order,
 stops once it reaches the first message kept from the tail or the last the tail has
-read, or, on a stream written nothing since the process started, once it has gone
-quiet for ``CAUGHT_UP`` seconds without being held back by its client. From then on only the tail
-speaks. Nothing at or before the last position sent is sent again.
+read (a new tail starts from a message at the stream's end, so after a restart that is
+known at once), or, on a stream that was empty when the tail started, once it has gone
+quiet for ``CAUGHT_UP`` seconds without being held back by its client. From then on
+only the tail speaks. Nothing at or before the last position sent is sent again.
 
 ``ready`` goes out once the history keeps every exchange of the subscription and it
 listens to the tail; the replay follows it. While the history's connection is down,
@@ -74,7 +75,7 @@ class Resumed:
         self.replaying = since is not None
         self.kept: list[Message] = []  # heard from the tail while replaying
         self.first = True
-        self.replayed = -1  # the last position the replay read
+        self.replayed = self.sent  # the last position the replay covers
         self.watch: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -99,6 +100,9 @@ class Resumed:
         history.listen(self, self.bindings)  # before the replay: the tail covers what follows
         outbox.push(self.wire.ready())
         if self.since is None:
+            return
+        if 0 <= history.tail_offset <= self.since:
+            self._hand_over()  # nothing to read back: the tail reads on from before it
             return
         try:
             replay = await history.replay(self.since, self._from_replay, self.lost, outbox)

@@ -126,6 +126,35 @@ async def test_positions_are_valid_on_another_instance(
         other.stop()
 
 
+async def test_a_stream_that_missed_nothing_resumes_after_a_restart(
+    history_namespace: str, exchange_name: str
+) -> None:
+    """Back on a restarted server from the newest position (nothing to read back): it
+    goes live at once and gets the next message, once."""
+    first = EventsServer.start(KEPT, namespace=history_namespace)
+    try:
+        url = resume_url(first, [bound(exchange_name, "#")])
+        async with SSEReader(url) as reader:
+            await reader.wait_for("ready")
+            await publish(exchange_name, "k", b"0")
+            await reader.wait_for("message")
+    finally:
+        first.stop()
+    last = reader.named("message")[0].id
+    second = EventsServer.start(KEPT, port=first.port, namespace=history_namespace)
+    try:
+        async with SSEReader(url, headers={"Last-Event-ID": last}) as again:
+            await again.wait_for("ready")
+            await publish(exchange_name, "k", b"1")
+            await again.wait_for("message")
+            await publish(exchange_name, "k", b"2")
+            await again.wait_for("message", 2)
+        assert [payload for _, payload, _ in messages(again)] == [1, 2]
+        assert second.stats()["history"]["replaying"] == 0
+    finally:
+        second.stop()
+
+
 async def test_only_messages_carry_ids(kept_server: EventsServer, exchange_name: str) -> None:
     """``ready`` and pings have no ``id:`` line: the browser's last id stays the last
     message's (a ping would otherwise reset it)."""
@@ -449,8 +478,9 @@ class HeldReplay:
     """A resumable stream read over a small receive buffer: it reads a few messages,
     then nothing until told, so its replay is held half-way (paced by its outbox)."""
 
-    def __init__(self, url: str, last_event_id: int) -> None:
+    def __init__(self, url: str, last_event_id: int, receive_buffer: int | None = 4096) -> None:
         self.url = httpx.URL(url)
+        self.receive_buffer = receive_buffer
         self.last_event_id = last_event_id
         self.heard: list[tuple[int, Any]] = []  # (position, payload) of each message
         self.kinds: list[str] = []
@@ -458,7 +488,8 @@ class HeldReplay:
 
     async def open(self) -> None:
         sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if self.receive_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.url.port))
         self.reader, self.writer = await asyncio.open_connection(sock=sock)
@@ -543,3 +574,59 @@ async def test_broker_restarts_during_replays_lose_nothing(history_namespace: st
         server.stop()
         await arabbitmqctl("start_app")  # idempotent: the broker is up for whatever follows
         await delete_exchange(exchange)
+
+
+@pytest.mark.slow
+async def test_a_thousand_clients_resume_at_once_in_bounded_memory(
+    history_namespace: str, exchange_name: str
+) -> None:
+    """After a restart, 1,000 streams resume at once, each 50 messages of 4 KiB back
+    (200 MB, were the replays loaded whole): every one gets all it missed, in order,
+    at most ``history.max_replays`` replays read at once, the server's memory bounded."""
+    clients, owed, max_replays = 1000, 50, 20
+    env = {**KEPT, "TC_EVENTS_HISTORY__MAX_REPLAYS": str(max_replays)}
+    first = EventsServer.start(env, namespace=history_namespace)
+    try:
+        url = resume_url(first, [bound(exchange_name, "#")])
+        async with SSEReader(url) as live:
+            await live.wait_for("ready")
+            connection = await aio_pika.connect(AMQP_URL)
+            async with connection:
+                target = await (await connection.channel()).get_exchange(exchange_name)
+                for n in range(owed + 1):
+                    body = json.dumps({"n": n, "pad": "x" * 4096}).encode()
+                    await target.publish(aio_pika.Message(body), routing_key="k")
+            await live.wait_for("message", owed + 1, timeout=60)
+        since = int(live.named("message")[0].id)
+    finally:
+        first.stop()
+    server = EventsServer.start(env, port=first.port, namespace=history_namespace)
+    try:
+        before = server.stats()["rss_bytes"]
+        peaks = {"rss_bytes": before, "replaying": 0}
+        streams = [HeldReplay(url, since, receive_buffer=None) for _ in range(clients)]
+
+        async def sample() -> None:
+            while True:
+                stats = await asyncio.to_thread(server.stats)
+                peaks["rss_bytes"] = max(peaks["rss_bytes"], stats["rss_bytes"])
+                peaks["replaying"] = max(peaks["replaying"], stats["history"]["replaying"])
+
+                await asyncio.sleep(0.2)
+
+        sampling = asyncio.ensure_future(sample())
+        try:
+            await asyncio.gather(*(stream.open() for stream in streams))
+            await asyncio.gather(*(stream.read(messages=owed, timeout=240) for stream in streams))
+        finally:
+            sampling.cancel()
+            for stream in streams:
+                stream.close()
+        for stream in streams:
+            assert [payload["n"] for _, payload in stream.heard] == list(range(1, owed + 1))
+        assert 0 < peaks["replaying"] <= max_replays
+        assert peaks["rss_bytes"] - before < 120 * 2**20, peaks
+        await wait_until(lambda: server.stats()["streams"] == 0, timeout=30)
+        assert server.stats()["history"]["replaying"] == 0
+    finally:
+        server.stop()

@@ -7,6 +7,8 @@
   stream (read from the history) with it on.
 - ``memory``: 1,000 streams resuming at once from the same position: the server's
   RSS before and at its peak, and how long until every one has caught up.
+- ``restart``: a crowd right after a restart (a new process, the same
+  history), 50 messages back each: how long until every one has caught up.
 
 Readers are raw sockets counting ``event: message`` with ``bytes.count`` (as lean as
 the other benchmarks' SSE reader). Run: ``.venv/bin/python bench/resume.py``.
@@ -52,8 +54,16 @@ def url_of(port: int, exchange: str, resume: bool, since: int | None = None) -> 
     return f"/api/events/v1/connect/?{query}{extra}"
 
 
-async def read(port: int, target: str, count: int, ready: asyncio.Event | None = None) -> int:
-    """Read one stream until ``count`` messages came; the last message's id (or -1)."""
+async def read(
+    port: int,
+    target: str,
+    count: int,
+    ready: asyncio.Event | None = None,
+    stay: asyncio.Barrier | None = None,
+) -> int:
+    """Read one stream until ``count`` messages came; the last message's id (or -1).
+    ``stay``: then keep the stream open until every reader of the crowd has its count
+    (as browsers stay: a stream that leaves would free its replay's turn early)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
     writer.write(f"GET {target} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
     await reader.readuntil(b"\r\n\r\n")
@@ -73,6 +83,8 @@ async def read(port: int, target: str, count: int, ready: asyncio.Event | None =
                 end = data.find(b"\n", at + 5)
                 if end > 0 and data[at + 5 : end].isdigit():
                     last = int(data[at + 5 : end])
+        if stay is not None:
+            await stay.wait()
     finally:
         writer.close()
     return last
@@ -235,7 +247,8 @@ async def _memory(
     client_before = time.process_time()
     began = time.time()
     target = url_of(port, exchange, True, start)
-    await asyncio.gather(*(read(port, target, messages) for _ in range(streams)))
+    crowd = asyncio.Barrier(streams)
+    await asyncio.gather(*(read(port, target, messages, stay=crowd) for _ in range(streams)))
     elapsed = time.time() - began
     done.set()
     sampler.join()
@@ -251,13 +264,56 @@ async def _memory(
     }
 
 
+def restart(streams: int, messages: int) -> dict[str, Any]:
+    exchange = f"bench-{os.urandom(4).hex()}"
+    asyncio.run(declare(exchange))
+    try:
+        with events_server(kept(exchange)) as first:
+            start = asyncio.run(position_now(first.port, exchange))
+            asyncio.run(publish(exchange, messages))
+            asyncio.run(wait_written(first.port, messages + 1))
+        again = {**kept(exchange), "PULSE_NAMESPACE": first.namespace}
+        with events_server(again) as server:
+            try:
+                return asyncio.run(
+                    _crowd(server.port, server.process.pid, exchange, streams, messages, start)
+                )
+            finally:
+                asyncio.run(drop_history(server.namespace))
+    finally:
+        asyncio.run(declare(exchange, delete=True))
+
+
+async def _crowd(
+    port: int, pid: int, exchange: str, streams: int, messages: int, start: int
+) -> dict[str, Any]:
+    broker = broker_pid()
+    server_before, broker_before = tree_cpu(pid), cpu_of(broker)
+    client_before = time.process_time()
+    began = time.time()
+    target = url_of(port, exchange, True, start)
+    crowd = asyncio.Barrier(streams)
+    await asyncio.gather(*(read(port, target, messages, stay=crowd) for _ in range(streams)))
+    elapsed = time.time() - began
+    return {
+        "streams": streams,
+        "messages_each": messages,
+        "all_caught_up_s": elapsed,
+        "server_cpu_s": tree_cpu(pid) - server_before,
+        "broker_cpu_s": cpu_of(broker) - broker_before,
+        "client_cpu_s": time.process_time() - client_before,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workloads", nargs="*", default=["replay", "live", "memory"])
+    workloads = ["replay", "live", "memory", "restart"]
+    parser.add_argument("workloads", nargs="*", default=workloads, choices=workloads)
     parser.add_argument("--replay-messages", type=int, default=100_000)
     parser.add_argument("--live-messages", type=int, default=20_000)
     parser.add_argument("--streams", type=int, default=1_000)
     parser.add_argument("--messages-each", type=int, default=1_000)
+    parser.add_argument("--after-restart", type=int, default=50, help="messages back each")
     args = parser.parse_args()
     if "replay" in args.workloads:
         print("replay:", replay(args.replay_messages), flush=True)
@@ -265,6 +321,8 @@ def main() -> None:
         print("live:", live(args.live_messages), flush=True)
     if "memory" in args.workloads:
         print("memory:", memory(args.streams, args.messages_each), flush=True)
+    if "restart" in args.workloads:
+        print("restart:", restart(args.streams, args.after_restart), flush=True)
 
 
 if __name__ == "__main__":

@@ -447,11 +447,20 @@ EVENTSOURCE_CLIENT = ROOT / "tests" / "eventsource_client.mjs"
 
 
 class NodeClient:
-    """An npm `eventsource` following one stream under Node: what it heard, a line each."""
+    """npm `eventsource` following a stream under Node: what it heard, a line each."""
 
-    def __init__(self, node_modules: Path, module: str, url: str) -> None:
+    def __init__(
+        self, node_modules: Path, module: str, url: str, count: int = 1, follow_s: int = 40
+    ) -> None:
+        """``count`` EventSources of ``url`` in the one Node process (``source`` in
+        each line says which), each followed for ``follow_s``."""
         self.lines: list[dict[str, Any]] = []
-        env = {**os.environ, "NODE_MODULES": str(node_modules), "FOLLOW_MS": "40000"}
+        env = {
+            **os.environ,
+            "NODE_MODULES": str(node_modules),
+            "FOLLOW_MS": str(follow_s * 1000),
+            "COUNT": str(count),
+        }
         self.process = subprocess.Popen(
             ["node", str(EVENTSOURCE_CLIENT), module, url],
             env=env,

@@ -1,7 +1,8 @@
 """Behind a real nginx (Debian's package), configured with the file in docs/deploying.md.
 
-The configuration is read from the document and only its ports (and, for one test,
-its read timeout) are changed, so the document cannot drift from what is tested.
+The configuration is read from the document and only its ports (a server line per
+instance), its access log's place and, for one test, its read timeout are changed, so
+the document cannot drift from what is tested.
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from browser import Browser, Inspector, driven_chromium
 from helpers import (
     ROOT,
     EventsServer,
+    NodeClient,
     SSEReader,
     connect_target,
     free_port,
+    npm_modules,
     publish,
     taskcluster_style_target,
     wait_for_port,
+    wait_until,
 )
 
 pytestmark = pytest.mark.broker
 
 UPSTREAM, LISTEN, READ_TIMEOUT, LOCATION, PROXY_PASS = (
-    "server 127.0.0.1:12345;",
+    "server 127.0.0.1:12345 max_fails=0;   # tc-events (server.host, server.port)",
     "listen 8080;",
     "proxy_read_timeout 60s;",
     "location / {",
@@ -46,17 +50,22 @@ UPSTREAM, LISTEN, READ_TIMEOUT, LOCATION, PROXY_PASS = (
 
 
 def documented_config(
-    upstream_port: int, port: int, read_timeout: str | None = None, prefix: str | None = None
+    upstream_port: int | list[int],
+    port: int,
+    read_timeout: str | None = None,
+    prefix: str | None = None,
 ) -> str:
-    """The nginx configuration of docs/deploying.md, with these ports; with ``prefix``
-    served under that path, as the document says to."""
+    """The nginx configuration of docs/deploying.md, with these ports (a line per
+    instance, as it says); with ``prefix`` served under that path, as it says to."""
     text = (ROOT / "docs" / "deploying.md").read_text()
     match = re.search(r"```nginx\n(.*?)```", text, re.DOTALL)
     assert match, "docs/deploying.md has no nginx configuration"
     config = match.group(1)
     for placeholder in (UPSTREAM, LISTEN, READ_TIMEOUT, LOCATION, PROXY_PASS):
         assert placeholder in config, f"docs/deploying.md lost `{placeholder}`"
-    config = config.replace(UPSTREAM, f"server 127.0.0.1:{upstream_port};")
+    ports = upstream_port if isinstance(upstream_port, list) else [upstream_port]
+    servers = "\n        ".join(f"server 127.0.0.1:{each} max_fails=0;" for each in ports)
+    config = config.replace(UPSTREAM, servers)
     config = config.replace(LISTEN, f"listen 127.0.0.1:{port};")
     if read_timeout is not None:
         config = config.replace(READ_TIMEOUT, f"proxy_read_timeout {read_timeout};")
@@ -68,7 +77,10 @@ def documented_config(
 
 @contextlib.contextmanager
 def nginx(
-    upstream_port: int, read_timeout: str | None = None, path_prefix: str | None = None
+    upstream_port: int | list[int],
+    read_timeout: str | None = None,
+    path_prefix: str | None = None,
+    access_log: list[str] | None = None,
 ) -> Iterator[str]:
     """A real nginx in front of ``upstream_port``; yields its base URL."""
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -78,6 +90,8 @@ def nginx(
     (prefix / "logs").mkdir()
     port = free_port()
     config = documented_config(upstream_port, port, read_timeout, path_prefix)
+    # (its own access log: Debian's nginx logs to /var/log/nginx by default)
+    config = config.replace("http {", f"http {{\n    access_log {prefix}/access.log;", 1)
     (prefix / "nginx.conf").write_text(config)
     process = subprocess.Popen(
         [
@@ -102,6 +116,8 @@ def nginx(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if access_log is not None:  # its lines, for the test to read
+            access_log += (prefix / "access.log").read_text().splitlines()
         shutil.rmtree(prefix, ignore_errors=True)
 
 
@@ -234,3 +250,73 @@ async def test_both_websocket_protocols_pass_through_nginx(
                 message = json.loads(await asyncio.wait_for(old.recv(), 10))
                 assert message["event"] == "message"
                 assert message["payload"]["payload"] == "through nginx"
+
+
+@pytest.fixture(scope="module")
+def node_modules() -> Iterator[Path]:
+    with npm_modules("es3@npm:eventsource@3") as modules:
+        yield modules
+
+
+def settled(client: NodeClient, count: int) -> bool:
+    """Every one of the ``count`` EventSources is open with a ``ready`` since its last
+    error (none of them stopped)."""
+    state: dict[int, str] = {}
+    for line in client.lines:
+        if line["kind"] in ("ready", "error"):
+            state[line["source"]] = line["kind"]
+    return len(state) == count and all(kind == "ready" for kind in state.values())
+
+
+def streams_of(servers: list[EventsServer]) -> int:
+    return sum(int(server.stats()["streams"]) for server in servers)
+
+
+def heard_by(client: NodeClient) -> set[int]:
+    """The EventSources that had a message."""
+    return {line["source"] for line in client.lines if line["kind"] == "message"}
+
+
+@pytest.mark.slow
+async def test_a_rolling_restart_of_two_instances_behind_nginx_loses_no_client(
+    exchange_name: str, node_modules: Path
+) -> None:
+    """1,000 EventSources (npm ``eventsource``) through the documented nginx to two
+    instances; each instance is restarted in turn (SIGTERM, started again): every
+    stream comes back with a fresh ``ready`` on one of them, nginx answers no 5xx,
+    no EventSource stops for good, and every one gets the next message."""
+    count = 1000
+    env = {"TC_EVENTS_SERVER__RETRY_MIN_MS": "500", "TC_EVENTS_SERVER__RETRY_MAX_MS": "3000"}
+    ports = [free_port(), free_port()]
+    servers = [EventsServer.start(env, port=port) for port in ports]
+    access_log: list[str] = []
+    try:
+        with nginx(ports, access_log=access_log) as proxied:
+            url = proxied + connect_target([{"exchange": exchange_name, "routingKeyPattern": "#"}])
+            client = NodeClient(node_modules, "es3", url, count=count, follow_s=170)
+            collecting = asyncio.ensure_future(client.collect())
+            try:
+                await wait_until(lambda: settled(client, count), timeout=60)
+                assert all(server.stats()["streams"] > 0 for server in servers)  # both serve
+                for index, port in enumerate(ports):
+                    assert await asyncio.to_thread(servers[index].stop) == 0
+                    servers[index] = EventsServer.start(env, port=port)
+                    await wait_until(lambda: settled(client, count), timeout=60)
+                    await wait_until(lambda: streams_of(servers) == count, timeout=30)
+                await publish(exchange_name, "after.restarts", b'"all here"')
+                await wait_until(lambda: len(heard_by(client)) == count, timeout=30)
+            finally:
+                client.stop()
+                collecting.cancel()
+    finally:
+        for server in servers:
+            server.stop()
+    readies = [0] * count
+    for line in client.lines:
+        if line["kind"] == "ready":
+            readies[line["source"]] += 1
+        assert not (line["kind"] == "error" and line["readyState"] == 2), line  # stopped
+    assert min(readies) >= 2  # each was on an instance that restarted, and came back
+    statuses = [int(line.split('"')[2].split()[0]) for line in access_log]
+    assert len(statuses) >= count  # every stream that ended is logged
+    assert not [status for status in statuses if status >= 500]

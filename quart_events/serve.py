@@ -28,7 +28,10 @@ from .websocket import MAX_FRAME
 
 log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 4096  # thousands of EventSources reconnect at once after a restart
+# A crowd of EventSources that comes back at once waits in the listen queue; past it the
+# kernel drops connections and clients back off for seconds or fail. The kernel caps it
+# at net.core.somaxconn (4,096 on many systems): the start line says what it is.
+LISTEN_BACKLOG = 65535
 TLS_HANDSHAKE_TIMEOUT = 5.0  # seconds a TLS client has to complete its handshake
 
 
@@ -53,6 +56,18 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
         config.certfile = str(settings.server.certfile)
         config.keyfile = str(settings.server.keyfile)
     return config
+
+
+def listen_backlog() -> str:
+    """The listen queue the kernel grants, and what caps it (Linux; else what is asked)."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as somaxconn:
+            cap = int(somaxconn.read())
+    except (OSError, ValueError):
+        return str(LISTEN_BACKLOG)
+    if cap < LISTEN_BACKLOG:
+        return f"{cap} (net.core.somaxconn)"
+    return str(LISTEN_BACKLOG)
 
 
 def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -101,7 +116,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     service.descriptors = DescriptorWatch(open_files)
     log.info(
         "listening on %s://%s:%s, RabbitMQ node %s vhost %s, queue %s, "
-        "open files limit %d, at most %d streams",
+        "open files limit %d, at most %d streams, listen backlog %s",
         scheme,
         host,
         port,
@@ -110,6 +125,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
         service.broker.queue_name or "(none yet)",
         open_files,
         server.max_streams,
+        listen_backlog(),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

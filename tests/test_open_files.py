@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,11 @@ from helpers import EventsServer, SSEReader, wait_until
 from quart_events.descriptors import streams_allowed
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen queue."""
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
 
 
 async def test_streams_stay_within_the_open_files_limit_and_probes_get_in() -> None:
@@ -25,7 +31,10 @@ async def test_streams_stay_within_the_open_files_limit_and_probes_get_in() -> N
     try:
         allowed = streams_allowed(256)
         line = next(line for line in server.output().splitlines() if "listening on" in line)
-        assert f"open files limit 256, at most {allowed} streams" in line
+        assert f"open files limit 256, at most {allowed} streams, listen backlog " in line
+        cap = somaxconn()
+        granted = f"{cap} (net.core.somaxconn)" if cap < 65535 else "65535"
+        assert line.endswith(f"listen backlog {granted}")  # what caps a crowd's queue
         assert f"server.max_streams lowered from 20000 to {allowed}" in server.output()
         readers = [SSEReader(server.url([])) for _ in range(allowed)]
         for reader in readers:

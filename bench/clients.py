@@ -17,12 +17,12 @@ import json
 import urllib.parse
 from collections.abc import Callable
 
-import websockets
 from lean_amqp import LeanConsumer, timestamp_of
 from lean_ws import LeanWebSocket
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-STOMP_URL = "ws://127.0.0.1:15674/ws"
+STOMP_PORT = 15674  # RabbitMQ Web-STOMP, at /ws
+STOMP_MESSAGE = b"MESSAGE\n"
 
 OnMessage = Callable[[float | None], None]
 WS_DATA, WS_ACK, WS_ERROR = b'{"type":"data"', b'{"type":"subscribe_ack"', b'{"type":"error"'
@@ -48,13 +48,18 @@ async def sse(
     on_message: OnMessage,
     want_times: bool,
     on_ping: Callable[[], None] | None = None,
+    source: str = "127.0.0.1",
 ) -> None:
     """A stream read over a raw socket. Messages are counted with ``bytes.count`` over
     what arrived (no frame is split out unless its timestamp is wanted): one SSE
-    frame per message costs this reader next to nothing."""
+    frame per message costs this reader next to nothing. ``source``: the loopback
+    address it connects from (each has its own ports: past about 20,000 connections
+    from one, a client runs out of them)."""
     bindings = json.dumps({"bindings": [{"exchange": exchange, "routingKeyPattern": pattern}]})
     query = urllib.parse.urlencode({"bindings": bindings})
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, limit=1 << 22, local_addr=(source, 0)
+    )
     writer.write(f"GET /api/events/v1/connect/?{query} HTTP/1.1\r\nHost: b\r\n\r\n".encode())
     await reader.readuntil(b"\r\n\r\n")
     # Frames never span writes, and a write's chunk-size line comes between frames, so a
@@ -132,36 +137,40 @@ async def stomp(
     on_message: OnMessage,
     want_times: bool,
 ) -> None:
+    """RabbitMQ's Web-STOMP, read by ``lean_ws`` as this service's WebSocket is: STOMP
+    frames told by their first bytes in place (several may share a message), bodies
+    decoded only in latency runs."""
     del port
-    async with websockets.connect(
-        STOMP_URL,
-        subprotocols=[websockets.Subprotocol("v12.stomp")],
-        max_size=None,
-        compression=None,
-    ) as socket:
-        await socket.send("CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0")
-        connected = await socket.recv()
-        if not str(connected).startswith("CONNECTED"):
-            raise RuntimeError(f"STOMP refused: {connected!r}")
-        await socket.send(
-            f"SUBSCRIBE\nid:0\ndestination:/exchange/{exchange}/{pattern}\nack:auto\n"
-            "receipt:subscribed\n\n\0"
-        )
-        async for payload in socket:
-            text = payload if isinstance(payload, str) else payload.decode()
-            # One websocket message may carry several STOMP frames, each ending in NUL.
-            for frame in text.split("\0"):
-                frame = frame.lstrip("\n")
-                if frame.startswith("MESSAGE"):
-                    if want_times:
-                        body = frame[frame.index("\n\n") + 2 :]
-                        on_message(float(json.loads(body)["t"]))
-                    else:
-                        on_message(None)
-                elif frame.startswith("RECEIPT"):
-                    ready.set()
-                elif frame.startswith("ERROR"):
-                    raise RuntimeError(f"STOMP error: {frame[:200]!r}")
+    socket = await LeanWebSocket.open(STOMP_PORT, "/ws", subprotocol="v12.stomp")
+    socket.send("CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0")
+    subscribe = (
+        f"SUBSCRIBE\nid:0\ndestination:/exchange/{exchange}/{pattern}\nack:auto\n"
+        "receipt:subscribed\n\n\0"
+    )
+
+    def on_text(data: bytes, start: int, end: int) -> None:
+        while start < end and data[start] == 0x0A:  # heart-beats and frame separators
+            start += 1
+        if data.startswith(STOMP_MESSAGE, start):
+            if not want_times:
+                for _ in range(data.count(STOMP_MESSAGE, start, end)):
+                    on_message(None)
+                return
+            for frame in data[start:end].split(b"\0"):
+                frame = frame.lstrip(b"\n")
+                if frame.startswith(STOMP_MESSAGE):
+                    on_message(float(json.loads(frame[frame.index(b"\n\n") + 2 :])["t"]))
+        elif data.startswith(b"CONNECTED", start):
+            socket.send(subscribe)
+        elif data.startswith(b"RECEIPT", start):
+            ready.set()
+        elif data.startswith(b"ERROR", start):
+            raise RuntimeError(f"STOMP error: {data[start:end][:200]!r}")
+
+    try:
+        await socket.read(on_text)
+    finally:
+        socket.close()
 
 
 async def amqp(

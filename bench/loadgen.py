@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import random
 import time
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as ProcessEvent
@@ -32,6 +33,13 @@ class Job:
     expected: int = 0  # messages each subscriber should get; 0: run until stopped
     want_times: bool = False
     count_pings: bool = False
+    # Loopback addresses the clients connect from, one per process in turn (127.0.0.2
+    # and up: a source address has about 28,000 ports, and running out looks like the
+    # server failing).
+    sources: tuple[str, ...] = ("127.0.0.1",)
+    source: str = ""  # this process's, set by LoadGenerator
+    spread_s: float = 0.0  # open the streams evenly over this window (0: all at once)
+    ready_timeout: float = 120.0
 
 
 @dataclass
@@ -92,6 +100,8 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
         consuming = asyncio.ensure_future(connection.consume())
 
     async def one(stream: int) -> None:
+        if job.spread_s:  # as a crowd that a jittered retry: spreads over its window
+            await asyncio.sleep(job.spread_s * (stream + random.random()) / job.streams)
         began = time.time()
         watcher = asyncio.ensure_future(readies[stream].wait())
         if job.kind == "sse":
@@ -104,6 +114,7 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
                 receiver(stream),
                 job.want_times,
                 ping,
+                job.source or job.sources[0],
             )
         elif job.kind in WEBSOCKET_CLIENTS:  # Taskcluster's WebSocket, Web-STOMP
             follow = WEBSOCKET_CLIENTS[job.kind](
@@ -137,7 +148,7 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
         tasks = [consuming]
     else:
         tasks = [asyncio.ensure_future(one(stream)) for stream in range(job.streams)]
-    deadline = time.time() + 120
+    deadline = time.time() + job.spread_s + job.ready_timeout
     while len(report.ready_after) + report.failures < job.streams and time.time() < deadline:  # noqa: ASYNC110 (polling counts)
         await asyncio.sleep(0.01)
     results.put(("ready", index, report.ready_after, report.failures, report.first_failure))
@@ -180,12 +191,24 @@ class LoadGenerator:
         context = multiprocessing.get_context("spawn")
         self.results = context.Queue()
         self.stop_event = context.Event()
+        self.patience = job.spread_s + job.ready_timeout + 60  # seconds until all are ready
         processes = max(1, min(processes, job.streams))
         share = [job.streams // processes + (i < job.streams % processes) for i in range(processes)]
         self.workers = [
             context.Process(
                 target=_worker,
-                args=(Job(**{**job.__dict__, "streams": n}), self.results, i, self.stop_event),
+                args=(
+                    Job(
+                        **{
+                            **job.__dict__,
+                            "streams": n,
+                            "source": job.sources[i % len(job.sources)],
+                        }
+                    ),
+                    self.results,
+                    i,
+                    self.stop_event,
+                ),
             )
             for i, n in enumerate(share)
         ]
@@ -197,7 +220,7 @@ class LoadGenerator:
         ready: list[float] = []
         failures, first_failure = 0, ""
         for _ in self.workers:
-            _, _, after, failed, failure = self.results.get(timeout=180)
+            _, _, after, failed, failure = self.results.get(timeout=self.patience)
             ready += after
             failures += failed
             first_failure = first_failure or failure

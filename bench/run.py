@@ -124,7 +124,10 @@ def events_server(extra_env: dict[str, str] | None = None, **settings: str) -> I
         [sys.executable, "-m", "quart_events", "server", "--port", str(port)],
         env=env,
         cwd=ROOT,
-        stderr=subprocess.DEVNULL,
+        # BENCH_SERVER_LOG=<file>: the server's log there, to see what it did
+        stderr=open(os.environ["BENCH_SERVER_LOG"], "ab")  # noqa: SIM115 (the child's)
+        if os.environ.get("BENCH_SERVER_LOG")
+        else subprocess.DEVNULL,
     )
     deadline = time.time() + 30
     while True:

@@ -1,0 +1,209 @@
+"""Scale on one machine: how many streams, how fast a crowd gets back in, what it costs.
+
+- ``burst``: ``--streams`` EventSource-like clients connect as fast as they can.
+- ``wave``: ``--held`` streams are open (their pings watched), then ``--streams`` more
+  come within ``--spread`` seconds, as a restart's jittered ``retry:`` spreads them.
+- ``hold``: ``--streams`` streams come within ``--spread`` seconds and stay for
+  ``--hold`` seconds: memory, pings, health answers meanwhile, and one message
+  published to all of them (publish to receipt, p50/p99).
+
+Every row gives the admission rate (streams ready per second per worker, from the
+first connect to the last ready), the server's RSS (all workers), the kernel's listen
+queue overflows meanwhile, and the CPU of every process: the server (all workers),
+RabbitMQ, each client process (clients are spread over ``--sources`` loopback
+addresses, 127.0.0.2 and up, so that none runs out of ports).
+
+Run: ``.venv/bin/python bench/scale.py burst --streams 36000 --workers 2``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from typing import Any
+
+from loadgen import Job, LoadGenerator, Report
+from run import (
+    broker_pid,
+    cpu_of,
+    events_server,
+    exchange_for_run,
+    percentile,
+    publish,
+    rss_of,
+    slowest_health_answer_ms,
+    tree_cpu,
+)
+
+STREAMS_PER_PROCESS = 5000  # a client process well below a core while streams come
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full."""
+    with open("/proc/net/netstat") as netstat:
+        lines = netstat.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            fields = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return int(fields["ListenOverflows"])
+    return 0
+
+
+def sources(count: int) -> tuple[str, ...]:
+    return tuple(f"127.0.0.{2 + n}" for n in range(count))
+
+
+def processes_for(streams: int) -> int:
+    return max(2, -(-streams // STREAMS_PER_PROCESS))
+
+
+class HealthWatch(threading.Thread):
+    """The slowest health answer while the crowd comes and stays (one ask a second)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.slowest_ms = 0.0
+        self.failures = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(1):
+            try:
+                self.slowest_ms = max(self.slowest_ms, slowest_health_answer_ms(self.port, 1))
+            except OSError:
+                self.failures += 1
+
+
+def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
+    spread = 0.0 if workload == "burst" else args.spread
+    with (
+        events_server(
+            workers=str(args.workers),
+            ping_interval=str(args.ping_interval),
+            max_streams=str(args.streams + args.held + 1000),
+        ) as server,
+        exchange_for_run() as exchange,
+    ):
+        time.sleep(2 + args.workers)  # the workers start
+        pid = server.process.pid
+        before_rss = rss_of(pid)
+        row: dict[str, Any] = {"workload": workload, "workers": args.workers}
+        held: LoadGenerator | None = None
+        if args.held:
+            held = LoadGenerator(
+                Job(
+                    "sse",
+                    server.port,
+                    exchange,
+                    "bench.#",
+                    args.held,
+                    count_pings=True,
+                    sources=sources(args.sources),
+                ),
+                processes_for(args.held),
+            )
+            ready, failures, _ = held.start()
+            row["held_ready"], row["held_failed"] = len(ready), failures
+        job = Job(
+            "sse",
+            server.port,
+            exchange,
+            "bench.#",
+            args.streams,
+            want_times=workload == "hold",
+            count_pings=workload == "hold",
+            sources=sources(args.sources),
+            spread_s=spread,
+        )
+        generator = LoadGenerator(job, processes_for(args.streams))
+        health = HealthWatch(server.port)
+        health.start()
+        overflows = listen_overflows()
+        broker = broker_pid()
+        server_cpu, broker_cpu, began = tree_cpu(pid), cpu_of(broker), time.time()
+        ready, failures, first_failure = generator.start()
+        admitted_s = time.time() - began
+        row |= {
+            "streams": args.streams,
+            "ready": len(ready),
+            "failed": failures,
+            "admitted_in_s": admitted_s,
+            # A burst: ready streams per second per worker, each stream timed from its
+            # own connect (a spread crowd comes no faster than its window lets it).
+            "ready_per_s_per_worker": len(ready) / max(ready, default=1) / args.workers
+            if not spread
+            else None,
+            "slowest_ready_s": max(ready, default=float("nan")),
+            "listen_overflows": listen_overflows() - overflows,
+        }
+        if first_failure:
+            row["first_failure"] = first_failure
+        if workload == "hold":
+            time.sleep(args.hold)
+            asyncio.run(publish(exchange, 1))
+        report = finish(generator, 1 if workload == "hold" else 0)
+        health.done.set()
+        health.join()
+        elapsed = time.time() - began
+        after_rss = rss_of(pid)
+        row |= {
+            "server_rss_mib": after_rss / 2**20,
+            "rss_per_stream_kib": (after_rss - before_rss) / max(1, len(ready)) / 1024,
+            "slowest_health_ms": health.slowest_ms,
+            "health_failures": health.failures,
+            "server_cores": (tree_cpu(pid) - server_cpu) / elapsed,
+            "broker_cores": (cpu_of(broker) - broker_cpu) / elapsed,
+            "client_cores": [round(cpu / elapsed, 2) for cpu in report.process_cpu_total],
+        }
+        if workload == "hold":
+            row |= lateness(report, args.ping_interval, "ping")
+            row["delivered"] = report.received
+            row["delivery_p50_s"] = percentile(report.latencies, 0.5)
+            row["delivery_p99_s"] = percentile(report.latencies, 0.99)
+        if held is not None:
+            held.stop()
+            held_report = held.finish(60)
+            row |= lateness(held_report, args.ping_interval, "held_ping")
+            row["held_client_cores"] = [
+                round(cpu / elapsed, 2) for cpu in held_report.process_cpu_total
+            ]
+        return row
+
+
+def finish(generator: LoadGenerator, expected: int) -> Report:
+    """Until each stream has ``expected`` messages (0: stop now); the merged report."""
+    if not expected:
+        generator.stop()
+    return generator.finish(120)
+
+
+def lateness(report: Report, interval: float, name: str) -> dict[str, Any]:
+    """How late the latest ping came (the largest gap against the interval), in %."""
+    largest = max(report.ping_gaps, default=float("nan"))
+    return {
+        f"{name}_max_gap_s": largest,
+        f"{name}_p99_gap_s": percentile(report.ping_gaps, 0.99),
+        f"{name}_late_pct": (largest / interval - 1) * 100,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workload", choices=["burst", "wave", "hold"])
+    parser.add_argument("--streams", type=int, default=36_000)
+    parser.add_argument("--held", type=int, default=0, help="streams open before (wave)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--sources", type=int, default=8, help="client loopback addresses")
+    parser.add_argument("--spread", type=float, default=10.0, help="seconds (wave, hold)")
+    parser.add_argument("--hold", type=float, default=20.0, help="seconds (hold)")
+    parser.add_argument("--ping-interval", type=float, default=5.0)
+    args = parser.parse_args()
+    print(json.dumps(crowd(args, args.workload), default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

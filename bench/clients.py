@@ -138,8 +138,8 @@ async def stomp(
     want_times: bool,
 ) -> None:
     """RabbitMQ's Web-STOMP, read by ``lean_ws`` as this service's WebSocket is: STOMP
-    frames told by their first bytes in place (several may share a message), bodies
-    decoded only in latency runs."""
+    frames counted by their marker over the stream of messages (bodies are JSON, never
+    holding it), bodies decoded only in latency runs."""
     del port
     socket = await LeanWebSocket.open(STOMP_PORT, "/ws", subprotocol="v12.stomp")
     socket.send("CONNECT\naccept-version:1.2\nhost:/\nlogin:guest\npasscode:guest\n\n\0")
@@ -147,25 +147,35 @@ async def stomp(
         f"SUBSCRIBE\nid:0\ndestination:/exchange/{exchange}/{pattern}\nack:auto\n"
         "receipt:subscribed\n\n\0"
     )
+    subscribed: list[bool] = []
+
+    tail = b""  # the end of the last message: a frame may span WebSocket messages
+    keep = len(STOMP_MESSAGE) - 1
 
     def on_text(data: bytes, start: int, end: int) -> None:
-        while start < end and data[start] == 0x0A:  # heart-beats and frame separators
-            start += 1
-        if data.startswith(STOMP_MESSAGE, start):
-            if not want_times:
-                for _ in range(data.count(STOMP_MESSAGE, start, end)):
-                    on_message(None)
-                return
-            for frame in data[start:end].split(b"\0"):
+        # Web-STOMP streams STOMP frames over WebSocket messages as it likes (a frame
+        # may be split, several may share one): count the frame markers in the stream.
+        nonlocal tail
+        text = tail + data[start:end]
+        tail = text[-keep:]
+        if want_times:
+            *frames, rest = text.split(b"\0")
+            tail = rest
+            for frame in frames:
                 frame = frame.lstrip(b"\n")
                 if frame.startswith(STOMP_MESSAGE):
                     on_message(float(json.loads(frame[frame.index(b"\n\n") + 2 :])["t"]))
-        elif data.startswith(b"CONNECTED", start):
-            socket.send(subscribe)
-        elif data.startswith(b"RECEIPT", start):
-            ready.set()
-        elif data.startswith(b"ERROR", start):
-            raise RuntimeError(f"STOMP error: {data[start:end][:200]!r}")
+        else:
+            for _ in range(text.count(STOMP_MESSAGE)):
+                on_message(None)
+        if not ready.is_set():
+            if b"CONNECTED" in text and not subscribed:
+                subscribed.append(True)
+                socket.send(subscribe)
+            if b"RECEIPT" in text:
+                ready.set()
+        if b"\nERROR\n" in b"\n" + text or text.startswith(b"ERROR"):
+            raise RuntimeError(f"STOMP error: {text[:200]!r}")
 
     try:
         await socket.read(on_text)

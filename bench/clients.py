@@ -84,6 +84,8 @@ async def sse(
                     if start >= 0:
                         line = frame[start + len(MESSAGE) + 6 : frame.find(b"\nid: ", start)]
                         on_message(_timestamp(line))
+                    elif on_ping is not None and PING in frame:
+                        on_ping()
                 tail = data[last:]
                 continue
             for _ in range(data.count(MESSAGE)):

@@ -242,26 +242,12 @@ async def _memory(
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    broker = broker_pid()
-    server_before, broker_before = tree_cpu(pid), cpu_of(broker)
-    client_before = time.process_time()
-    began = time.time()
-    target = url_of(port, exchange, True, start)
-    crowd = asyncio.Barrier(streams)
-    await asyncio.gather(*(read(port, target, messages, stay=crowd) for _ in range(streams)))
-    elapsed = time.time() - began
-    done.set()
-    sampler.join()
-    return {
-        "streams": streams,
-        "messages_each": messages,
-        "rss_before_mib": before / 2**20,
-        "rss_peak_mib": peak[0] / 2**20,
-        "all_caught_up_s": elapsed,
-        "server_cpu_s": tree_cpu(pid) - server_before,
-        "broker_cpu_s": cpu_of(broker) - broker_before,
-        "client_cpu_s": time.process_time() - client_before,
-    }
+    try:
+        figures = await _crowd(port, pid, exchange, streams, messages, start)
+    finally:
+        done.set()
+        sampler.join()
+    return {**figures, "rss_before_mib": before / 2**20, "rss_peak_mib": peak[0] / 2**20}
 
 
 def restart(streams: int, messages: int) -> dict[str, Any]:
@@ -287,6 +273,8 @@ def restart(streams: int, messages: int) -> dict[str, Any]:
 async def _crowd(
     port: int, pid: int, exchange: str, streams: int, messages: int, start: int
 ) -> dict[str, Any]:
+    """``streams`` readers resume at once from ``start`` and stay until all have their
+    ``messages``: how long that took, and every process's CPU meanwhile."""
     broker = broker_pid()
     server_before, broker_before = tree_cpu(pid), cpu_of(broker)
     client_before = time.process_time()

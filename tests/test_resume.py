@@ -474,6 +474,21 @@ async def test_a_resumable_stream_turned_away_keeps_its_place(
         server.stop()
 
 
+async def kept_in_history(url: str, exchange: str, count: int, pad: int) -> list[int]:
+    """Publish ``count`` messages ``{"n": n, "pad": ...}`` (``pad`` bytes of padding)
+    while a resumable stream of ``url`` listens, until it has had each: their positions."""
+    async with SSEReader(url) as live:
+        await live.wait_for("ready")
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            target = await (await connection.channel()).get_exchange(exchange)
+            for n in range(count):
+                body = json.dumps({"n": n, "pad": "x" * pad}).encode()
+                await target.publish(aio_pika.Message(body), routing_key=f"k.{n}")
+        await live.wait_for("message", count, timeout=60)
+    return [int(event.id) for event in live.named("message")]
+
+
 class HeldReplay:
     """A resumable stream read over a small receive buffer: it reads a few messages,
     then nothing until told, so its replay is held half-way (paced by its outbox)."""
@@ -537,16 +552,7 @@ async def test_broker_restarts_during_replays_lose_nothing(history_namespace: st
     server = EventsServer.start(env, namespace=history_namespace)
     try:
         url = resume_url(server, [bound(exchange, "#")])
-        async with SSEReader(url) as live:
-            await live.wait_for("ready")
-            connection = await aio_pika.connect(AMQP_URL)
-            async with connection:
-                target = await (await connection.channel()).get_exchange(exchange)
-                for n in range(count):
-                    body = json.dumps({"n": n, "pad": "x" * 1000}).encode()
-                    await target.publish(aio_pika.Message(body), routing_key=f"k.{n}")
-            await live.wait_for("message", count, timeout=60)
-        positions = [int(event.id) for event in live.named("message")]
+        positions = await kept_in_history(url, exchange, count, pad=1000)
         heard: list[tuple[int, Any]] = []
         last = positions[0]  # resumed from the first: every later one is owed
         for _ in range(2):
@@ -588,16 +594,7 @@ async def test_a_thousand_clients_resume_at_once_in_bounded_memory(
     first = EventsServer.start(env, namespace=history_namespace)
     try:
         url = resume_url(first, [bound(exchange_name, "#")])
-        async with SSEReader(url) as live:
-            await live.wait_for("ready")
-            connection = await aio_pika.connect(AMQP_URL)
-            async with connection:
-                target = await (await connection.channel()).get_exchange(exchange_name)
-                for n in range(owed + 1):
-                    body = json.dumps({"n": n, "pad": "x" * 4096}).encode()
-                    await target.publish(aio_pika.Message(body), routing_key="k")
-            await live.wait_for("message", owed + 1, timeout=60)
-        since = int(live.named("message")[0].id)
+        since = (await kept_in_history(url, exchange_name, owed + 1, pad=4096))[0]
     finally:
         first.stop()
     server = EventsServer.start(env, port=first.port, namespace=history_namespace)

@@ -27,6 +27,7 @@ from hypercorn.typing import (
 from . import sse
 from .bindings import Binding, BindingError, parse_bindings
 from .errors import TOO_SLOW
+from .front_door import DIRECT, Door
 from .history import History
 from .message import Encoder, Message, to_json
 from .metrics import Counts, EndReason
@@ -201,7 +202,8 @@ class ConnectEndpoint:
             limit = settings.max_request_line
             await self._plain(send, 414, f"Request line too long: at most {limit} bytes.\n")
             return
-        client = _Client(send, self.counts)
+        direct = (scope.get("extensions") or {}).get(DIRECT)  # served by the front door
+        client = _Client(send, self.counts, direct if isinstance(direct, Door) else None)
         resumed: Resumed | None = None
         try:
             bindings = parse_bindings(_first(query, "bindings"), settings.limits())
@@ -251,6 +253,9 @@ class ConnectEndpoint:
             # a closed connection waits for the garbage collector.
             admitted.outbox.on_frames = admitted.outbox.on_abort = no_op
             client.outbox = client.request_task = None
+            if client.direct is not None:
+                client.direct.on_writable = no_op
+                client.direct = None
 
     def _position(
         self, bindings: list[Binding], last_event_id: str | None, since: str | None
@@ -301,15 +306,26 @@ class ConnectEndpoint:
 
 
 class _Client:
-    """Writes one stream's outbox to its client, from a task that lives only while it
-    writes: an idle stream then costs no task of its own beyond the request's, which
-    waits for the client to leave."""
+    """Writes one stream's outbox to its client. Served by the front door (``direct``):
+    at once, on the transport, while it has room. Else from a task that lives only
+    while it writes: an idle stream then costs no task of its own beyond the
+    request's, which waits for the client to leave."""
 
-    __slots__ = ("counts", "ended", "outbox", "request_task", "send", "started", "writer")
+    __slots__ = (
+        "counts",
+        "direct",
+        "ended",
+        "outbox",
+        "request_task",
+        "send",
+        "started",
+        "writer",
+    )
 
-    def __init__(self, send: ASGISendCallable, counts: Counts) -> None:
+    def __init__(self, send: ASGISendCallable, counts: Counts, direct: Door | None) -> None:
         self.send = send
         self.counts = counts
+        self.direct = direct
         self.outbox: Outbox | None = None
         self.request_task = asyncio.current_task()
         self.writer: asyncio.Task[None] | None = None
@@ -318,12 +334,44 @@ class _Client:
 
     def start(self) -> None:
         self.started = True
+        if self.direct is not None:
+            self.direct.on_writable = self._room_again
         if self.outbox is not None and (self.outbox.frames or self.outbox.finished):
             self.frames_waiting()
 
     def frames_waiting(self) -> None:
-        if self.writer is None and self.started and not self.ended:
+        if not self.started or self.ended:
+            return
+        if self.direct is not None:
+            self._write_now(self.direct)
+        elif self.writer is None:
             self.writer = asyncio.ensure_future(self._write())
+
+    def _write_now(self, direct: Door) -> None:
+        """Everything waiting, written while the transport has room; a chunk that
+        filled it is held (and counted) until it has room again."""
+        outbox = self.outbox
+        assert outbox is not None
+        if outbox.in_flight:
+            return
+        while outbox.frames:
+            if not direct.writable:
+                return
+            chunk = outbox.take()
+            self.counts.bytes_written += len(chunk)
+            direct.write_body(chunk)
+            if not direct.writable:
+                outbox.sending(len(chunk))
+                return
+        if outbox.finished:
+            direct.end()
+            self.abort()  # the response is complete: the request task may stop
+
+    def _room_again(self) -> None:
+        outbox = self.outbox
+        if outbox is not None and outbox.in_flight:
+            outbox.sent()
+        self.frames_waiting()
 
     async def _write(self) -> None:
         outbox = self.outbox

@@ -36,6 +36,8 @@ from wsproto import connection as wsproto_connection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Ping, Pong, TextMessage
 
+from . import front_door
+
 log = logging.getLogger(__name__)
 
 WRITTEN_FOR = "0.18."  # the hypercorn series these mends were written for and tested on
@@ -102,15 +104,20 @@ async def stream_send_resetting_ended_streams(self: hypercorn_h2.H2Protocol, eve
 class AsyncioForHypercorn:
     """asyncio as hypercorn's ``serve`` sees it, but TLS connections are given up within
     a second when they close: asyncio waits up to 30 s for the client's close_notify,
-    and an idle HTTP/2 client that does not answer held every shutdown that long."""
+    and an idle HTTP/2 client that does not answer held every shutdown that long. And a
+    plain listener with a front door (``front_door.py``) is served by it."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(asyncio, name)
 
     @staticmethod
-    async def start_server(*args: Any, **kwargs: Any) -> asyncio.Server:
+    async def start_server(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("ssl") is not None:
             kwargs.setdefault("ssl_shutdown_timeout", TLS_CLOSE_TIMEOUT)
+        else:  # a plain listener with a front door: it serves, and hands hypercorn the rest
+            door = front_door.registered(kwargs.get("sock"))
+            if door is not None:
+                return await door.start(args[0], kwargs["sock"])
         return await asyncio.start_server(*args, **kwargs)
 
 

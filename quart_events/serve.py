@@ -16,10 +16,12 @@ import socket
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.typing import ASGIFramework
 from quart import Quart
 
-from . import mends
+from . import front_door, mends
 from .app import METRICS_PATH, metrics_app, service_of
+from .connect import PATHS as CONNECT_PATHS
 from .descriptors import DescriptorWatch
 from .errors import ListenFailed
 from .liveness import LIVENESS_FD, beat
@@ -35,10 +37,15 @@ LISTEN_BACKLOG = 65535
 TLS_HANDSHAKE_TIMEOUT = 5.0  # seconds a TLS client has to complete its handshake
 
 
-def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornConfig:
+def hypercorn_config(
+    settings: Settings, listener: socket.socket, endpoint: ASGIFramework | None = None
+) -> HypercornConfig:
+    """hypercorn's settings for ``listener``; with the connect ``endpoint`` (a plain
+    listener) its SSE streams are served by a front door (``front_door.py``)."""
     config = HypercornConfig()
     # hypercorn closes the socket it is given: give it its own descriptor of ours.
-    config.bind = [f"fd://{os.dup(listener.fileno())}"]
+    fd = os.dup(listener.fileno())
+    config.bind = [f"fd://{fd}"]
     config.backlog = LISTEN_BACKLOG
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -55,6 +62,8 @@ def hypercorn_config(settings: Settings, listener: socket.socket) -> HypercornCo
         # connections per origin: a page with several streams needs HTTP/2).
         config.certfile = str(settings.server.certfile)
         config.keyfile = str(settings.server.keyfile)
+    elif endpoint is not None and settings.server.front_door:
+        front_door.register(fd, front_door.FrontDoor(endpoint, CONNECT_PATHS, config))
     return config
 
 
@@ -139,11 +148,8 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
         log.info("shutting down: ending %d streams", len(service.hub.subscribers))
         service.hub.begin_shutdown()
 
-    servers = [
-        serve(
-            app, hypercorn_config(service.settings, listeners[0]), shutdown_trigger=shutdown_trigger
-        )
-    ]
+    config = hypercorn_config(service.settings, listeners[0], app.asgi_app)
+    servers = [serve(app, config, shutdown_trigger=shutdown_trigger)]
     if len(listeners) > 1:
         log.info("metrics on http://%s:%s%s", host, listeners[1].getsockname()[1], METRICS_PATH)
         config = hypercorn_config(service.settings, listeners[1])

@@ -79,6 +79,7 @@ class ServerSettings(BaseModel):
     buffer_bytes: int = Field(ge=1024)
     max_buffered_bytes: int | None = Field(default=None, ge=1024)
     max_request_line: int = Field(ge=1024)
+    front_door: bool = True
     write_timeout: float = Field(gt=0)
     shutdown_grace: float = Field(gt=0)
     retry_min_ms: int = Field(ge=0)

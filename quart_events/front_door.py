@@ -171,7 +171,7 @@ class Door(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
-        if self.task is not None:  # the client sends while its stream is served
+        if self.task is not None or self.hand_over_when_writable:  # while a stream is served
             if len(buffer) > self.front.max_head:
                 self.transport.abort()
                 return

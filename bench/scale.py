@@ -127,6 +127,7 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
         server_cpu, broker_cpu, began = tree_cpu(pid), cpu_of(broker), time.time()
         ready, failures, first_failure = generator.start()
         admitted_s = time.time() - began
+        admission_cpu = tree_cpu(pid) - server_cpu
         row |= {
             "streams": args.streams,
             "ready": len(ready),
@@ -138,6 +139,9 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
             if not spread
             else None,
             "slowest_ready_s": max(ready, default=float("nan")),
+            # What a new stream costs the server: its CPU from the first connect to the
+            # last ready (all workers), per stream ready (the open streams' pings in it).
+            "admission_cpu_ms_per_stream": admission_cpu * 1000 / max(1, len(ready)),
             "listen_overflows": listen_overflows() - overflows,
         }
         if first_failure:

@@ -32,6 +32,7 @@ from hypercorn.typing import ASGIFramework, HTTPScope
 log = logging.getLogger(__name__)
 
 DIRECT = "tc_events.direct"  # the scope extension that carries the ``Door`` of a stream
+HEAD_TIMEOUT = 20.0  # seconds a new connection has to send its request head
 READ_LIMIT = 2**16  # hypercorn's stream reader limit, for connections handed to it
 HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -165,9 +166,12 @@ class Door(asyncio.Protocol):
         if self.front.closing:
             transport.close()
             return
-        # A connection that sends no request in time is closed, as hypercorn does.
+        # A connection that sends no request in time is closed, as hypercorn does, but
+        # later: a crowd's requests may still be in TCP retransmission (seconds, after its
+        # handshakes outran the listen queue) when their connections are accepted.
         loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.front.config.keep_alive_timeout, transport.close)
+        wait = max(HEAD_TIMEOUT, self.front.config.keep_alive_timeout)
+        self.timer = loop.call_later(wait, transport.close)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data

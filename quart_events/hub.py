@@ -27,7 +27,8 @@ from .subscribers import Subscriber, Transport
 from .topic import TopicTrie
 
 log = logging.getLogger(__name__)
-PING_BATCH = 250  # subscribers pinged per event-loop turn
+PING_SLICE = 0.01  # seconds of pinging per event-loop turn
+PING_BATCH = 100  # subscribers pinged between looks at the clock
 MEMORY_SHARE = 4  # by default, outboxes may hold a quarter of the machine's memory
 
 
@@ -352,10 +353,13 @@ class Hub:
     # -- the timer's work ------------------------------------------------------------
 
     async def ping_streams(self) -> None:
-        """Ping every subscriber whose transport pings, a batch per event-loop turn: with
-        thousands the loop keeps answering other requests (health probes, new streams)."""
+        """Ping every subscriber whose transport pings, ``PING_SLICE`` of them per
+        event-loop turn: with thousands the loop keeps answering other requests (health
+        probes, new streams), and a turn that new streams made long does not hold the
+        round back by more than one slice."""
         subscribers = list(self.subscribers)
         frames: dict[Transport, bytes | None] = {}
+        deadline = time.perf_counter() + PING_SLICE
         for start in range(0, len(subscribers), PING_BATCH):
             for subscriber in subscribers[start : start + PING_BATCH]:
                 transport = subscriber.transport
@@ -364,7 +368,9 @@ class Hub:
                 frame = frames[transport]
                 if frame is not None:
                     self._push(subscriber, frame)  # one that ended meanwhile ignores it
-            await asyncio.sleep(0)
+            if time.perf_counter() > deadline:
+                await asyncio.sleep(0)
+                deadline = time.perf_counter() + PING_SLICE
 
     def tell_of_drops(self) -> None:
         """After drops, once per tick: a log line, and ``ready`` again to every subscriber

@@ -13,6 +13,8 @@ import aio_pika
 import pytest
 from helpers import EventsServer, connect_target, publish, wait_until
 
+from quart_events.front_door import HEAD_TIMEOUT
+
 pytestmark = pytest.mark.broker
 
 DATE = re.compile(rb"\r\ndate: [^\r]*")
@@ -146,7 +148,7 @@ async def test_a_connection_that_asks_nothing_is_closed(
     front, _ = servers
     reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
     writer.write(b"GET /api/events/v1/connect/?bind")  # and never the rest
-    assert await asyncio.wait_for(reader.read(), 30) == b""
+    assert await asyncio.wait_for(reader.read(), HEAD_TIMEOUT + 30) == b""
     writer.close()
 
 

@@ -28,6 +28,9 @@ from typing import Any, cast
 
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.typing import ASGIFramework, HTTPScope
+from hypercorn.utils import parse_socket_addr, suppress_body
+
+from .outbox import no_op
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,6 @@ READ_LIMIT = 2**16  # hypercorn's stream reader limit, for connections handed to
 HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*(.*?)[ \t]*")
 BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 NOT_HERE = frozenset((b"content-length", b"transfer-encoding", b"upgrade", b"expect"))
-NO_BODY = frozenset((204, 304))
 
 ServerCallback = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -152,7 +154,7 @@ class Door(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.disconnected: asyncio.Future[None] | None = None
         self.waiting: asyncio.Future[None] | None = None  # a send waiting for room
-        self.on_writable: Callable[[], None] = _nothing
+        self.on_writable: Callable[[], None] = no_op
         self.writable = True
         self.started = self.complete = self.chunked = False
         self.gone = self.eof = self.hand_over_when_writable = False
@@ -254,8 +256,9 @@ class Door(asyncio.Protocol):
         if hosts != 1:
             return None
         transport = self.transport
-        client = _address(transport.get_extra_info("peername"))
-        server = _address(transport.get_extra_info("sockname"))
+        family = transport.get_extra_info("socket").family
+        client = parse_socket_addr(family, transport.get_extra_info("peername"))
+        server = parse_socket_addr(family, transport.get_extra_info("sockname"))
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"spec_version": "2.1", "version": "3.0"},
@@ -337,7 +340,7 @@ class Door(asyncio.Protocol):
         for name, value in (*headers, *self.front.config.response_headers("h11")):
             sized = sized or name.lower() == b"content-length"
             lines.append(b"%s: %s\r\n" % (name, value))
-        self.chunked = not sized and status not in NO_BODY and status >= 200
+        self.chunked = not sized and not suppress_body("GET", status)
         if self.chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         lines.append(b"\r\n")
@@ -360,13 +363,3 @@ class Door(asyncio.Protocol):
         self.complete = True
         if self.chunked:
             self.transport.write(b"0\r\n\r\n")
-
-
-def _nothing() -> None:
-    return None
-
-
-def _address(name: Any) -> tuple[str, int] | None:
-    if isinstance(name, tuple) and len(name) >= 2:
-        return str(name[0]), int(name[1])
-    return None

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Any
@@ -33,6 +34,9 @@ class Job:
     streams: int
     expected: int = 0  # messages each subscriber should get; 0: run until stopped
     want_times: bool = False
+    # SSE: time each message by the kernel's receive time too (``clients.sse_stamped``):
+    # when the server's write reached the client's socket, whatever the client's own load.
+    arrival_times: bool = False
     count_pings: bool = False
     # Loopback addresses the clients connect from, one per process in turn (127.0.0.2
     # and up: a source address has about 28,000 ports, and running out looks like the
@@ -53,6 +57,8 @@ class Report:
     first_receipt: float = 0.0
     last_receipt: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # publish to the kernel's receipt
+    message_cpu: list[float] = field(default_factory=list)  # per process: first to last receipt
     ping_gaps: list[float] = field(default_factory=list)  # the largest gap per stream
     cpu_seconds: float = 0.0  # from ready to the end of the measured window
     process_cpu: list[float] = field(default_factory=list)  # the same, per process
@@ -78,6 +84,17 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
 
         return on_message
 
+    def arrival(stream: int) -> clients.OnArrival:
+        on_message = receiver(stream)
+
+        def on_arrival(stamp: float, arrived: float) -> None:
+            if not report.first_receipt:
+                cpu_at_first[0] = _cpu()
+            on_message(stamp)
+            report.arrivals.append(arrived - stamp)
+
+        return on_arrival
+
     def pinger(stream: int) -> Any:
         def on_ping() -> None:
             now = time.monotonic()
@@ -87,6 +104,7 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
 
         return on_ping
 
+    cpu_at_first = [0.0]
     connection = None
     readies = [asyncio.Event() for _ in range(job.streams)]
     if job.kind == "amqp":
@@ -105,8 +123,19 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
             await asyncio.sleep(job.spread_s * (stream + random.random()) / job.streams)
         began = time.time()
         watcher = asyncio.ensure_future(readies[stream].wait())
-        if job.kind == "sse":
-            ping = pinger(stream) if job.count_pings else None
+        ping = pinger(stream) if job.count_pings else None
+        follow: Coroutine[Any, Any, None]
+        if job.kind == "sse" and job.arrival_times:
+            follow = clients.sse_stamped(
+                job.port,
+                job.exchange,
+                job.pattern,
+                readies[stream],
+                arrival(stream),
+                ping,
+                job.source or job.sources[0],
+            )
+        elif job.kind == "sse":
             follow = clients.sse(
                 job.port,
                 job.exchange,
@@ -162,6 +191,8 @@ async def _work(job: Job, results: Any, index: int, stop: ProcessEvent) -> None:
             break
         await asyncio.sleep(0.01)
     report.cpu_seconds = _cpu() - cpu_at_ready
+    if cpu_at_first[0]:  # what reading the messages cost this process (arrival runs)
+        report.message_cpu = [_cpu() - cpu_at_first[0]]
     report.process_cpu = [report.cpu_seconds]
     report.received = sum(counts)
     report.ping_gaps = [gap for gap in gaps if gap]
@@ -247,6 +278,8 @@ class LoadGenerator:
         for report in reports:
             merged.received += report.received
             merged.latencies += report.latencies
+            merged.arrivals += report.arrivals
+            merged.message_cpu += report.message_cpu
             merged.ping_gaps += report.ping_gaps
             merged.cpu_seconds += report.cpu_seconds
             merged.process_cpu += report.process_cpu

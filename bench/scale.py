@@ -31,6 +31,7 @@ from run import (
     cpu_of,
     events_server,
     exchange_for_run,
+    free_port,
     percentile,
     publish,
     rss_of,
@@ -61,30 +62,59 @@ def processes_for(streams: int) -> int:
 
 
 class HealthWatch(threading.Thread):
-    """The slowest health answer while the crowd comes and stays (one ask a second)."""
+    """The slowest health answer, by phase (``phase``: the crowd comes, it is held), on
+    ``port`` (one ask a second)."""
 
     def __init__(self, port: int) -> None:
         super().__init__(daemon=True)
         self.port = port
-        self.slowest_ms = 0.0
+        self.phase = "coming"
+        self.slowest_ms: dict[str, float] = {}
         self.failures = 0
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(1):
+            phase = self.phase
             try:
-                self.slowest_ms = max(self.slowest_ms, slowest_health_answer_ms(self.port, 1))
+                answer = slowest_health_answer_ms(self.port, 1)
             except OSError:
                 self.failures += 1
+                continue
+            self.slowest_ms[phase] = max(self.slowest_ms.get(phase, 0.0), answer)
+
+
+class CpuSamples(threading.Thread):
+    """The server's CPU (all workers) every 50 ms from its start: what it spent until a
+    moment, without what came after (the clients closing their streams)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.samples: list[tuple[float, float]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.samples.append((time.time(), tree_cpu(self.pid)))
+            if self.done.wait(0.05):
+                return
+
+    def since_start(self, moment: float) -> float:
+        """CPU seconds from the start to the first sample at or after ``moment``."""
+        first = self.samples[0][1]
+        return next((cpu for at, cpu in self.samples if at >= moment), self.samples[-1][1]) - first
 
 
 def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
     spread = 0.0 if workload == "burst" else args.spread
+    health_port = free_port()
     with (
         events_server(
             workers=str(args.workers),
             ping_interval=str(args.ping_interval),
             max_streams=str(args.streams + args.held + 1000),
+            health_port=str(health_port),
         ) as server,
         exchange_for_run() as exchange,
     ):
@@ -114,14 +144,18 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
             exchange,
             "bench.#",
             args.streams,
-            want_times=workload == "hold",
+            arrival_times=workload == "hold",
+            expected=1 if workload == "hold" else 0,  # the one message after the hold
             count_pings=workload == "hold",
             sources=sources(args.sources),
             spread_s=spread,
         )
         generator = LoadGenerator(job, processes_for(args.streams))
-        health = HealthWatch(server.port)
-        health.start()
+        # Probes on the main port wait behind the crowd in its listen queue; on the
+        # health port (server.health_port) they do not.
+        healths = {"main port": HealthWatch(server.port), "health port": HealthWatch(health_port)}
+        for health in healths.values():
+            health.start()
         overflows = listen_overflows()
         broker = broker_pid()
         server_cpu, broker_cpu, began = tree_cpu(pid), cpu_of(broker), time.time()
@@ -146,19 +180,30 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
         }
         if first_failure:
             row["first_failure"] = first_failure
+        for health in healths.values():
+            health.phase = "held"
+        server_cpu_at = CpuSamples(pid)
         if workload == "hold":
             time.sleep(args.hold)
+            for health in healths.values():
+                health.phase = "delivering"
+            server_cpu_at.start()
             asyncio.run(publish(exchange, 1))
         report = finish(generator, 1 if workload == "hold" else 0)
-        health.done.set()
-        health.join()
+        server_cpu_at.done.set()
+        for health in healths.values():
+            health.done.set()
+            health.join()
         elapsed = time.time() - began
         after_rss = rss_of(pid)
         row |= {
             "server_rss_mib": after_rss / 2**20,
             "rss_per_stream_kib": (after_rss - before_rss) / max(1, len(ready)) / 1024,
-            "slowest_health_ms": health.slowest_ms,
-            "health_failures": health.failures,
+            **{
+                f"slowest_health_ms ({where})": {k: round(v) for k, v in h.slowest_ms.items()}
+                for where, h in healths.items()
+            },
+            **{f"health_failures ({where})": h.failures for where, h in healths.items()},
             "server_cores": (tree_cpu(pid) - server_cpu) / elapsed,
             "broker_cores": (cpu_of(broker) - broker_cpu) / elapsed,
             "client_cores": [round(cpu / elapsed, 2) for cpu in report.process_cpu_total],
@@ -166,8 +211,16 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
         if workload == "hold":
             row |= lateness(report, args.ping_interval, "ping")
             row["delivered"] = report.received
-            row["delivery_p50_s"] = percentile(report.latencies, 0.5)
-            row["delivery_p99_s"] = percentile(report.latencies, 0.99)
+            # Publish to the client's socket (the kernel's receive time), and to the
+            # client's read (the load generator's own turns in it).
+            row["delivery_p50_s"] = percentile(report.arrivals, 0.5)
+            row["delivery_p99_s"] = percentile(report.arrivals, 0.99)
+            row["read_p50_s"] = percentile(report.latencies, 0.5)
+            row["read_p99_s"] = percentile(report.latencies, 0.99)
+            # CPU from the publish to every stream's receipt: the server's (all workers),
+            # and each client process's from its first receipt to its last.
+            row["delivery_server_cpu_s"] = server_cpu_at.since_start(report.last_receipt)
+            row["delivery_client_cpu_s"] = [round(cpu, 2) for cpu in report.message_cpu]
         if held is not None:
             held.stop()
             held_report = held.finish(60)

@@ -8,9 +8,7 @@ import asyncio
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
-from importlib import metadata
 from pathlib import Path
 
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
@@ -18,6 +16,7 @@ from quart import Quart, Response, send_file
 
 from .broker import Broker
 from .connect import ConnectEndpoint
+from .health import PATHS as HEALTH_PATHS
 from .history import History
 from .hub import Hub
 from .legacy_websocket import PATHS as LEGACY_PATHS
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 STATS_PATH = "/api/events/v1/__stats__"
 METRICS_PATH = "/metrics"
 METRICS_FLUSH_INTERVAL = 1.0  # seconds: how stale a scrape of another worker may be
-VERSION = {"version": metadata.version("quart_events"), "source": "quart_events"}
 STATIC = Path(__file__).parent / "static"
 # The inspector page loads only its own files and opens streams of this service.
 INSPECTOR_POLICY = (
@@ -168,23 +166,6 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
             }
         )
 
-    async def lbheartbeat() -> Response:
-        """For a load balancer: the process serves."""
-        return _json({})
-
-    async def heartbeat() -> Response:
-        """For a readiness probe: 503 while the broker connection is down."""
-        if broker.is_connected:
-            return _json({"broker": "connected", "node": broker.node})
-        return _json({"broker": "disconnected: reconnecting"}, 503)
-
-    async def version() -> Response:
-        return _json(VERSION)
-
-    async def ping() -> Response:
-        """As every Taskcluster service answers it."""
-        return _json({"alive": True, "uptime": time.monotonic() - service.started_at})
-
     async def inspector() -> Response:
         """The inspector page; its scripts and styles are Quart's static files."""
         response = await send_file(STATIC / "inspector.html")
@@ -192,18 +173,25 @@ def _add_plain_routes(app: Quart, service: Service) -> None:
         response.headers["Cache-Control"] = "no-cache"
         return response
 
-    for path, view in (
-        (STATS_PATH, stats),
-        ("/__lbheartbeat__", lbheartbeat),
-        ("/__heartbeat__", heartbeat),
-        ("/__version__", version),
-        ("/api/events/v1/ping", ping),
-        ("/", inspector),
-    ):
+    for path, view in ((STATS_PATH, stats), ("/", inspector)):
         app.add_url_rule(path, view_func=view, methods=["GET"], strict_slashes=False)
+    _add_health_routes(app, service)
     server = service.settings.server
     if server.metrics and server.metrics_port is None:
         app.add_url_rule(METRICS_PATH, view_func=metrics_view(service), methods=["GET"])
+
+
+def _add_health_routes(app: Quart, service: Service) -> None:
+    """The probes' answers on the main port (``server.health_port``: ``health.py``)."""
+    for path in HEALTH_PATHS:
+
+        async def probe(path: str = path) -> Response:
+            status, body = service.health.answer(path)
+            return _json(body, status)
+
+        app.add_url_rule(
+            path, endpoint=path, view_func=probe, methods=["GET"], strict_slashes=False
+        )
 
 
 def metrics_view(service: Service) -> Callable[[], Awaitable[Response]]:

@@ -24,6 +24,7 @@ from .app import METRICS_PATH, metrics_app, service_of
 from .connect import PATHS as CONNECT_PATHS
 from .descriptors import DescriptorWatch
 from .errors import ListenFailed
+from .health import HealthPort
 from .liveness import LIVENESS_FD, beat
 from .settings import Settings
 from .websocket import MAX_FRAME
@@ -104,8 +105,10 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     listeners = []
     scheme = "https" if server.certfile is not None else "http"
     wanted = [(f"{scheme}://{server.host}:{server.port}", server.port)]
-    if server.metrics and server.metrics_port is not None:
-        wanted.append((f"http://{server.host}:{server.metrics_port}", server.metrics_port))
+    metrics_port = server.metrics_port if server.metrics else None
+    for port in (metrics_port, server.health_port):
+        if port is not None:
+            wanted.append((f"http://{server.host}:{port}", port))
     for where, port in wanted:
         try:
             listeners.append(listen(server.host, port, reuse_port))
@@ -150,13 +153,23 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
 
     config = hypercorn_config(service.settings, listeners[0], app.asgi_app)
     servers = [serve(app, config, shutdown_trigger=shutdown_trigger)]
-    if len(listeners) > 1:
-        log.info("metrics on http://%s:%s%s", host, listeners[1].getsockname()[1], METRICS_PATH)
-        config = hypercorn_config(service.settings, listeners[1])
+    side = iter(listeners[1:])
+    if metrics_port is not None:
+        listener = next(side)
+        log.info("metrics on http://%s:%s%s", host, listener.getsockname()[1], METRICS_PATH)
+        config = hypercorn_config(service.settings, listener)
         servers.append(serve(metrics_app(service), config, shutdown_trigger=stop.wait))
+    health_port = None
+    if server.health_port is not None:
+        listener = next(side)
+        log.info("health probes on http://%s:%s", host, listener.getsockname()[1])
+        health_port = HealthPort(listener, service.health)
+        health_port.start()
     try:
         await asyncio.gather(*servers)
     finally:
+        if health_port is not None:
+            await asyncio.to_thread(health_port.stop)
         if beating is not None:
             beating.cancel()
         for listener in listeners:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .broker import Broker
 from .descriptors import DescriptorWatch
+from .health import Health
 from .history import History
 from .hub import Hub
 from .metrics import Metrics
@@ -40,6 +41,10 @@ class Service:
     descriptors: DescriptorWatch | None = None  # set when serving: the open files limit
     # The WebSocket figures by protocol (open sockets, subscriptions, frames).
     websockets: Callable[[], dict[str, dict[str, int]]] = dict
+    health: Health = field(init=False)  # the probes' answers, on either port
+
+    def __post_init__(self) -> None:
+        self.health = Health(self.broker, self.started_at)
 
     async def start(self) -> None:
         """Connect to the broker and start the timers; raise ``BrokerUnavailable``."""
@@ -57,6 +62,7 @@ class Service:
         self.timers = [
             asyncio.ensure_future(every(self.settings.server.ping_interval, self.tick)),
             asyncio.ensure_future(every(METRICS_FLUSH_INTERVAL, self.flush_metrics)),
+            asyncio.ensure_future(self.health.mark_turns()),
         ]
 
     async def tick(self, lateness: float) -> None:

@@ -87,6 +87,7 @@ class ServerSettings(BaseModel):
     workers: int = Field(ge=1, le=256)
     metrics: bool
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    health_port: int | None = Field(default=None, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"]
     log_format: Literal["text", "json"]
     log_client_address: bool
@@ -103,6 +104,12 @@ class ServerSettings(BaseModel):
         for path in (self.certfile, self.keyfile):
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} is not a readable file")
+        return self
+
+    @model_validator(mode="after")
+    def _ports_of_their_own(self) -> ServerSettings:
+        if self.health_port and self.health_port in (self.port, self.metrics_port):
+            raise ValueError("health_port must be a port of its own (not port or metrics_port)")
         return self
 
     @model_validator(mode="after")

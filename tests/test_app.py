@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 import urllib.parse
 import uuid
 from importlib import metadata
@@ -20,6 +21,8 @@ from tcp_proxy import TcpProxy
 
 from quart_events import create_app, load_settings
 from quart_events.app import service_of
+from quart_events.broker import Broker
+from quart_events.health import STALLED_AFTER, Health
 
 EMPTY = urllib.parse.quote('{"bindings": []}')
 
@@ -101,6 +104,46 @@ async def test_heartbeat_says_503_while_the_broker_is_away() -> None:
             proxy.restore()
             await wait_until(lambda: server.stats()["broker_connected"], timeout=20)
             assert (await client.get("/__heartbeat__")).status_code == 200
+
+
+async def test_health_probes_are_answered_on_a_port_of_their_own_too() -> None:
+    """``server.health_port``: the probes there (a crowd of new streams waits in the main
+    port's listen queue, not in this one), with the broker's state; nothing else there."""
+    health_port = free_port()
+    with (
+        TcpProxy.running() as proxy,
+        EventsServer.running(
+            {"PULSE_PORT": str(proxy.port), "TC_EVENTS_SERVER__HEALTH_PORT": str(health_port)}
+        ) as server,
+    ):
+        assert f"health probes on http://127.0.0.1:{health_port}" in server.output()
+        side = f"http://127.0.0.1:{health_port}"
+        async with httpx.AsyncClient(base_url=side, timeout=5) as client:
+            assert (await client.get("/__lbheartbeat__")).status_code == 200
+            heartbeat = await client.get("/__heartbeat__")
+            assert heartbeat.json() == {"broker": "connected", "node": "localhost"}
+            assert (await client.get("/__version__")).json()["source"] == "quart_events"
+            assert (await client.get("/api/events/v1/ping")).json()["alive"] is True
+            for elsewhere in ("/metrics", "/api/events/v1/connect/?bindings=" + EMPTY, "/"):
+                assert (await client.get(elsewhere)).status_code == 404, elsewhere
+            assert (await client.get(f"{server.base}/__heartbeat__")).status_code == 200
+            assert (await client.get(f"{server.base}/metrics")).status_code == 200
+            proxy.cut()
+            await wait_until(lambda: not server.stats()["broker_connected"])
+            assert (await client.get("/__heartbeat__")).status_code == 503
+            assert (await client.get("/__lbheartbeat__")).status_code == 200
+
+
+def test_the_health_port_says_when_the_event_loop_has_stalled() -> None:
+    """Its thread answers whatever the loop does, so it must tell a loop that never
+    yields (that process serves nobody) from a busy one."""
+    broker = Broker(load_settings("test").pulse)
+    health = Health(broker, time.monotonic())
+    assert health.answer("/__lbheartbeat__") == (200, {})
+    health.last_turn -= STALLED_AFTER + 1
+    status, body = health.answer("/__lbheartbeat__")
+    assert status == 503 and body["event_loop"].startswith("stalled for 1")
+    assert health.answer("/__heartbeat__") == (503, {"broker": "disconnected: reconnecting"})
 
 
 async def test_a_stream_that_ends_is_logged_in_one_line_without_the_client_address(

@@ -167,3 +167,13 @@ def test_prefetch_count_of_earlier_versions_loads_with_a_warning(
     settings = load_settings("development", config)
     assert settings.pulse.read_ahead == 100
     assert "pulse.prefetch_count is no longer used (see pulse.read_ahead)" in caplog.text
+
+
+def test_the_health_port_must_be_a_port_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TC_EVENTS_SERVER__METRICS_PORT", "9000")
+    for taken in ("9000", "12345"):
+        monkeypatch.setenv("TC_EVENTS_SERVER__HEALTH_PORT", taken)
+        with pytest.raises(SettingsError, match="health_port must be a port of its own"):
+            load_settings()
+    monkeypatch.setenv("TC_EVENTS_SERVER__HEALTH_PORT", "9001")
+    assert load_settings().server.health_port == 9001

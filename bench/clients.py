@@ -32,7 +32,10 @@ WS_DATA, WS_ACK, WS_ERROR = b'{"type":"data"', b'{"type":"subscribe_ack"', b'{"t
 
 
 def _timestamp(data: bytes) -> float:
-    return float(json.loads(data)["payload"]["t"])
+    """The publish time in a bench message's data line (``{"payload": {"n": 1, "t": ...``),
+    found without parsing the 1 KiB line."""
+    start = data.index(b'"t":') + 4
+    return float(data[start : data.index(b",", start)])
 
 
 MESSAGE, READY, PING, ERROR = (
@@ -139,14 +142,17 @@ async def sse_stamped(
     pattern: str,
     ready: asyncio.Event,
     on_arrival: OnArrival,
-    on_ping: Callable[[], None] | None,
+    on_ping: Callable[[float], None] | None,
     source: str,
+    readers: dict[int, Callable[[], None]],
 ) -> None:
     """A stream read straight from its socket's readiness callback, each read with the
     kernel's receive time (``SO_TIMESTAMPNS``): ``on_arrival(published, arrived)`` per
     message, ``arrived`` being when the server's write reached this socket and not when
     this process got round to reading it. With 100,000 streams on 2 cores the readers'
-    own turns are seconds long, and a user-space clock times the load generator."""
+    own turns are seconds long, and a user-space clock times the load generator. The
+    socket's reader is kept in ``readers`` by its descriptor, for the load generator to
+    hold reads."""
     sock = await connected_from(source, port)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     loop = asyncio.get_running_loop()
@@ -186,7 +192,7 @@ async def sse_stamped(
                 on_arrival(_timestamp(line), stamp)
             elif PING in frame:
                 if on_ping is not None:
-                    on_ping()
+                    on_ping(stamp)
             elif READY in frame:
                 ready.set()
             elif ERROR in frame:
@@ -196,8 +202,10 @@ async def sse_stamped(
     try:
         await loop.sock_sendall(sock, _request(exchange, pattern))
         loop.add_reader(sock.fileno(), readable)
+        readers[sock.fileno()] = readable
         await ended
     finally:
+        readers.pop(sock.fileno(), None)
         loop.remove_reader(sock.fileno())
         sock.close()
 

@@ -5,7 +5,13 @@
   come within ``--spread`` seconds, as a restart's jittered ``retry:`` spreads them.
 - ``hold``: ``--streams`` streams come within ``--spread`` seconds and stay for
   ``--hold`` seconds: memory, pings, health answers meanwhile, and one message
-  published to all of them (publish to receipt, p50/p99).
+  published to all of them: publish to the kernel's receipt in the client's socket
+  (``SO_TIMESTAMPNS``) and to the client's read, p50/p99, and the CPU it cost the
+  server and each client; ``--hold-reads S`` leaves it unread for S seconds, so that
+  the server's writes do not share the 2 cores with 20 client processes' reads.
+
+Health probes ask both the main port and ``server.health_port``, reported by phase
+(the crowd coming, held, a message being delivered).
 
 Every row gives the admission rate (streams ready per second per worker, from the
 first connect to the last ready), the server's RSS (all workers), the kernel's listen
@@ -187,8 +193,15 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
             time.sleep(args.hold)
             for health in healths.values():
                 health.phase = "delivering"
+            if args.hold_reads:
+                generator.hold_reads(True)
+                time.sleep(1)  # every client process has seen it
             server_cpu_at.start()
+            published_at = time.time()
             asyncio.run(publish(exchange, 1))
+            if args.hold_reads:
+                time.sleep(args.hold_reads)
+                generator.hold_reads(False)
         report = finish(generator, 1 if workload == "hold" else 0)
         server_cpu_at.done.set()
         for health in healths.values():
@@ -219,7 +232,9 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
             row["read_p99_s"] = percentile(report.latencies, 0.99)
             # CPU from the publish to every stream's receipt: the server's (all workers),
             # and each client process's from its first receipt to its last.
-            row["delivery_server_cpu_s"] = server_cpu_at.since_start(report.last_receipt)
+            written = published_at + max(report.arrivals, default=0.0)
+            row["delivery_server_cpu_s"] = server_cpu_at.since_start(written)
+            row["reads_held_s"] = args.hold_reads
             row["delivery_client_cpu_s"] = [round(cpu, 2) for cpu in report.message_cpu]
         if held is not None:
             held.stop()
@@ -258,6 +273,14 @@ def main() -> None:
     parser.add_argument("--spread", type=float, default=10.0, help="seconds (wave, hold)")
     parser.add_argument("--hold", type=float, default=20.0, help="seconds (hold)")
     parser.add_argument("--ping-interval", type=float, default=5.0)
+    parser.add_argument(
+        "--hold-reads",
+        type=float,
+        default=0.0,
+        help="hold: the clients leave the message in their sockets for this many seconds "
+        "after it is published (the kernel's receive times stay true; the server's writes "
+        "do not share the cores with the clients' reads, as with clients on other machines)",
+    )
     args = parser.parse_args()
     print(json.dumps(crowd(args, args.workload), default=str), flush=True)
 

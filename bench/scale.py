@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import threading
 import time
 from typing import Any
@@ -45,6 +46,7 @@ from run import (
     tree_cpu,
 )
 
+PROBE_INTERVAL = 0.25  # seconds between two health probes of a port
 STREAMS_PER_PROCESS = 5000  # a client process well below a core while streams come
 
 
@@ -67,27 +69,49 @@ def processes_for(streams: int) -> int:
     return max(2, -(-streams // STREAMS_PER_PROCESS))
 
 
-class HealthWatch(threading.Thread):
-    """The slowest health answer, by phase (``phase``: the crowd comes, it is held), on
-    ``port`` (one ask a second)."""
+PHASES = ("coming", "held", "delivering")
+
+
+class HealthWatch:
+    """The slowest health answer on ``port``, by phase (the crowd comes, it is held, a
+    message is delivered), one ask every ``PROBE_INTERVAL``. In a process of its own:
+    in a thread of the bench's it waited for the bench's own lock."""
 
     def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
-        self.phase = "coming"
+        context = multiprocessing.get_context("spawn")
+        self.phase_index = context.Value("i", 0)
+        self.done = context.Event()
+        self.results = context.Queue()
+        self.process = context.Process(
+            target=_probe, args=(port, self.phase_index, self.done, self.results)
+        )
         self.slowest_ms: dict[str, float] = {}
         self.failures = 0
-        self.done = threading.Event()
 
-    def run(self) -> None:
-        while not self.done.wait(1):
-            phase = self.phase
-            try:
-                answer = slowest_health_answer_ms(self.port, 1)
-            except OSError:
-                self.failures += 1
-                continue
-            self.slowest_ms[phase] = max(self.slowest_ms.get(phase, 0.0), answer)
+    def start(self) -> None:
+        self.process.start()
+
+    def enter(self, phase: str) -> None:
+        self.phase_index.value = PHASES.index(phase)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.slowest_ms, self.failures = self.results.get(timeout=30)
+        self.process.join(10)
+
+
+def _probe(port: int, phase_index: Any, done: Any, results: Any) -> None:
+    slowest: dict[str, float] = {}
+    failures = 0
+    while not done.wait(PROBE_INTERVAL):
+        phase = PHASES[phase_index.value]
+        try:
+            answer = slowest_health_answer_ms(port, 1)
+        except OSError:
+            failures += 1
+            continue
+        slowest[phase] = max(slowest.get(phase, 0.0), answer)
+    results.put((slowest, failures))
 
 
 class CpuSamples(threading.Thread):
@@ -187,12 +211,12 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
         if first_failure:
             row["first_failure"] = first_failure
         for health in healths.values():
-            health.phase = "held"
+            health.enter("held")
         server_cpu_at = CpuSamples(pid)
         if workload == "hold":
             time.sleep(args.hold)
             for health in healths.values():
-                health.phase = "delivering"
+                health.enter("delivering")
             if args.hold_reads:
                 generator.hold_reads(True)
                 time.sleep(1)  # every client process has seen it
@@ -205,8 +229,7 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
         report = finish(generator, 1 if workload == "hold" else 0)
         server_cpu_at.done.set()
         for health in healths.values():
-            health.done.set()
-            health.join()
+            health.stop()
         elapsed = time.time() - began
         after_rss = rss_of(pid)
         row |= {

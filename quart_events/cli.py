@@ -98,10 +98,11 @@ def server(
         "certfile": certfile,
         "keyfile": keyfile,
     }
-    overrides = {key: value for key, value in options.items() if value is not None}
+    overrides: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     flags: dict[str, Any] = {"server": overrides} if overrides else {}
     if worker_index is not None:
         overrides["workers"] = 1
+        overrides["health_port"] = None  # the parent answers it for all workers
         # The parent checked the broker at start; a worker started later (after a death)
         # during an outage waits for it, as a running one does, instead of dying.
         flags = {"server": overrides, "pulse": {"start_without_broker": True}}

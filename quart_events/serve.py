@@ -142,7 +142,10 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     liveness = os.environ.pop(LIVENESS_FD, None)  # a worker: its parent hears it beat
-    beating = asyncio.ensure_future(beat(int(liveness))) if liveness else None
+    beating = None
+    if liveness:
+        broker = service.broker
+        beating = asyncio.ensure_future(beat(int(liveness), lambda: broker.is_connected))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: as SIGTERM
         loop.add_signal_handler(signum, stop.set)
 
@@ -169,7 +172,7 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
         await asyncio.gather(*servers)
     finally:
         if health_port is not None:
-            await asyncio.to_thread(health_port.stop)
+            await asyncio.to_thread(health_port.stop)  # within ACCEPT_POLL
         if beating is not None:
             beating.cancel()
         for listener in listeners:

@@ -6,7 +6,8 @@ reconnect frame. Here each worker is a whole ``tc-events server`` process with i
 own broker connection, its own exclusive queue and its own listening socket
 (``SO_REUSEPORT``, so the kernel spreads connections evenly; one shared socket piles
 them onto whichever process accepts first). The parent holds no broker connection
-and serves nothing.
+and serves nothing but ``server.health_port`` when it is set (``health.py``: it
+answers for all workers, from their beats, however busy they are).
 
 - SIGTERM, SIGINT or SIGHUP to the parent (or to the whole process group): every worker ends
   its streams with the reconnect frame; the parent waits for them, up to
@@ -44,8 +45,10 @@ from pathlib import Path
 from prometheus_client import multiprocess
 
 from .errors import ListenFailed
+from .health import HealthPort, WorkersHealth
 from .liveness import LIVENESS_FD, SILENT_AFTER, Pulse
 from .metrics import MULTIPROCESS_DIR
+from .serve import listen
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,7 @@ class Supervisor:
         return self.settings.server.workers
 
     def run(self) -> int:
+        health_port = self._health_port()
         remove_stale_metrics_directories()
         metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         os.environ[MULTIPROCESS_DIR] = metrics_dir
@@ -146,14 +150,33 @@ class Supervisor:
             for worker in self.workers:
                 self._start(worker)
             log.info("started %d workers", self.count)
+            if health_port is not None:
+                health_port.start()
             code = self._watch()
             self._stop_all()
             return code
         finally:
+            if health_port is not None:
+                health_port.stop()
+                health_port.listener.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             del os.environ[MULTIPROCESS_DIR]
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _health_port(self) -> HealthPort | None:
+        """``server.health_port``, answered here for every worker (``health.py``);
+        ``ListenFailed`` when it is taken."""
+        server = self.settings.server
+        if server.health_port is None:
+            return None
+        try:
+            listener = listen(server.host, server.health_port, reuse_port=False)
+        except OSError as error:
+            where = f"http://{server.host}:{server.health_port}"
+            raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from None
+        log.info("health probes on http://%s:%s", server.host, listener.getsockname()[1])
+        return HealthPort(listener, WorkersHealth(lambda: [w.pulse for w in self.workers]))
 
     def _stop(self, signum: int, frame: object) -> None:
         self.stopping = True

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import socket
 import time
 import urllib.parse
 import uuid
@@ -22,7 +24,8 @@ from tcp_proxy import TcpProxy
 from quart_events import create_app, load_settings
 from quart_events.app import service_of
 from quart_events.broker import Broker
-from quart_events.health import STALLED_AFTER, Health
+from quart_events.health import STALLED_AFTER, Health, WorkersHealth
+from quart_events.liveness import Pulse
 
 EMPTY = urllib.parse.quote('{"bindings": []}')
 
@@ -203,3 +206,50 @@ async def test_log_level_warning_leaves_out_the_info_lines() -> None:
         async with SSEReader(server.url([])) as reader:
             await reader.wait_for("ready")
     assert "listening on" not in server.output() and "stream ended" not in server.output()
+
+
+def test_the_health_port_answers_bad_requests_and_outlasts_a_silent_client() -> None:
+    health_port = free_port()
+    with EventsServer.running({"TC_EVENTS_SERVER__HEALTH_PORT": str(health_port)}):
+
+        def ask(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", health_port), 10) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(4096):
+                    answer += chunk
+                return answer
+
+        assert ask(b"POST /__heartbeat__ HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+        assert ask(b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        assert ask(b"GET /" + b"x" * 9000).startswith(b"HTTP/1.1 400 ")
+        with socket.create_connection(("127.0.0.1", health_port), 10):  # says nothing
+            answer = ask(b"GET /__lbheartbeat__?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = answer.split(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and json.loads(body) == {}
+        assert b"Python" not in head
+
+
+def test_the_parents_health_answers_count_the_workers_that_beat() -> None:
+    pulses = [Pulse(time.monotonic()) for _ in range(2)]
+    try:
+        health = WorkersHealth(lambda: [*pulses, None])  # a third worker is down
+        assert health.answer("/__lbheartbeat__") == (503, {"workers": 0})
+        for pulse, beat in zip(pulses, (b"..+", b"+-"), strict=True):
+            os.write(pulse.write_end, beat)
+            pulse.silent_for(time.monotonic())
+        counts = {"workers": 2, "workers_connected": 1}
+        assert health.answer("/__lbheartbeat__") == (200, {"workers": 2})
+        assert health.answer("/__heartbeat__") == (
+            503,
+            {"broker": "disconnected: reconnecting", **counts},
+        )
+        os.write(pulses[1].write_end, b"+")
+        pulses[1].silent_for(time.monotonic())
+        assert health.answer("/__heartbeat__")[0] == 200
+        pulses[0].last_beat -= STALLED_AFTER + 1
+        assert health.answer("/__lbheartbeat__") == (200, {"workers": 1})
+    finally:
+        for pulse in pulses:
+            pulse.close()
+            os.close(pulse.write_end)

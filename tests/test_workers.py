@@ -21,7 +21,15 @@ import aio_pika
 import httpx
 import psutil
 import pytest
-from helpers import EventsServer, SSEReader, publish, queues_of, rabbitmqctl, wait_until
+from helpers import (
+    EventsServer,
+    SSEReader,
+    free_port,
+    publish,
+    queues_of,
+    rabbitmqctl,
+    wait_until,
+)
 from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -352,3 +360,37 @@ async def test_json_logs_name_the_process_and_the_worker() -> None:
     assert set(by_worker) == {1, 2} and set(by_worker.values()) == set(pids)
     parent = [line for line in lines if "worker" not in line]
     assert parent and {line["pid"] for line in parent} == {server.process.pid}
+
+
+async def test_the_parent_answers_the_health_port_for_every_worker() -> None:
+    """``server.health_port`` with workers: the parent answers it from the workers'
+    beats (however busy they are), with how many serve and how many have the broker."""
+    health_port = free_port()
+    health = f"http://127.0.0.1:{health_port}"
+    with (
+        TcpProxy.running() as proxy,
+        workers(
+            2, {"PULSE_PORT": str(proxy.port), "TC_EVENTS_SERVER__HEALTH_PORT": str(health_port)}
+        ) as server,
+        httpx.Client(base_url=health, timeout=5) as client,
+    ):
+        assert f"tc-events: health probes on {health}" in server.output()
+        assert "tc-events[1]: health probes" not in server.output()  # workers leave it
+
+        def answer(path: str) -> tuple[int, object]:
+            response = client.get(path)
+            return response.status_code, response.json()
+
+        both = {"broker": "connected", "workers": 2, "workers_connected": 2}
+        await wait_until(lambda: answer("/__heartbeat__") == (200, both), 20, 0.2)
+        assert answer("/__lbheartbeat__") == (200, {"workers": 2})
+        assert answer("/__version__") == answer(f"{server.base}/__version__")
+        proxy.cut()
+        down = {"broker": "disconnected: reconnecting", "workers": 2, "workers_connected": 0}
+        await wait_until(lambda: answer("/__heartbeat__") == (503, down), 20, 0.2)
+        proxy.restore()
+        await wait_until(lambda: answer("/__heartbeat__") == (200, both), 30, 0.2)
+        hung = children(server)[0]
+        hung.suspend()  # it falls silent, the parent kills it and starts another
+        await wait_until(lambda: answer("/__lbheartbeat__") == (200, {"workers": 1}), 30, 0.1)
+        await wait_until(lambda: answer("/__heartbeat__") == (200, both), 30, 0.2)

@@ -162,6 +162,7 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
                     "bench.#",
                     args.held,
                     count_pings=True,
+                    arrival_times=True,  # ping gaps by the kernel's receive times
                     sources=sources(args.sources),
                 ),
                 processes_for(args.held),

@@ -65,7 +65,10 @@ class Hub:
         self.max_message_bytes = pulse.max_message_bytes
         self.metrics = metrics
         self.counts = counts or Counts()
-        self.subscribers: set[Subscriber] = set()
+        # In the order they came (a dict, not a set): a ping round goes over them in the
+        # same order each time, oldest first, so a crowd of new ones that stretches a
+        # round does not move an older stream's ping later than it came in the last one.
+        self.subscribers: dict[Subscriber, None] = {}
         # Connections that carry subscribers of their own choosing (WebSocket), by their
         # outbox, with how many they carry; shutdown ends them. One that carries none
         # counts as a stream (it holds a socket), one that carries some as those.
@@ -89,7 +92,7 @@ class Hub:
         """Register a subscriber; its ``ready`` (or an error) arrives in its outbox.
         Admission (``Subscribers.admit``) decides first whether it may."""
         subscriber = Subscriber(bindings, transport, outbox, label)
-        self.subscribers.add(subscriber)
+        self.subscribers[subscriber] = None
         carried = self.connections.get(outbox)
         if carried is not None:
             self.connections[outbox] = carried + 1
@@ -134,7 +137,7 @@ class Hub:
         held. Its outbox is its transport's: it may carry other subscribers."""
         if subscriber not in self.subscribers:
             return
-        self.subscribers.discard(subscriber)
+        del self.subscribers[subscriber]
         self._unconfirmed.discard(subscriber)
         carried = self.connections.get(subscriber.outbox)
         if carried is not None:

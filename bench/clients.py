@@ -46,6 +46,22 @@ MESSAGE, READY, PING, ERROR = (
 )
 
 
+def complete_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete frames in ``data``, and the rest (it waits for the next read)."""
+    last = data.rfind(b"\n\n") + 2
+    if last < 2:
+        return [], data
+    return data[:last].split(b"\n\n"), data[last:]
+
+
+def published_at(frame: bytes) -> float | None:
+    """A message frame's publish time (bench messages carry it); None for other frames."""
+    start = frame.find(MESSAGE)
+    if start < 0:
+        return None
+    return _timestamp(frame[start + len(MESSAGE) + 6 : frame.find(b"\nid: ", start)])
+
+
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux
 
 
@@ -99,19 +115,12 @@ async def sse(
             if ERROR in data:
                 raise RuntimeError(f"stream error: {data[data.find(ERROR) :][:200]!r}")
             if want_times:
-                # Only the complete frames of ``data``; the rest waits for the next read.
-                last = data.rfind(b"\n\n") + 2
-                if last < 2:
-                    tail = data
-                    continue
-                for frame in data[:last].split(b"\n\n"):
-                    start = frame.find(MESSAGE)
-                    if start >= 0:
-                        line = frame[start + len(MESSAGE) + 6 : frame.find(b"\nid: ", start)]
-                        on_message(_timestamp(line))
+                frames, tail = complete_frames(data)
+                for frame in frames:
+                    if (published := published_at(frame)) is not None:
+                        on_message(published)
                     elif on_ping is not None and PING in frame:
                         on_ping()
-                tail = data[last:]
                 continue
             for _ in range(data.count(MESSAGE)):
                 on_message(None)
@@ -184,16 +193,10 @@ async def sse_stamped(
             stamp = seconds + nanoseconds / 1e9
         else:
             stamp = time.time()
-        data = tail + READ_VIEW[:size]
-        last = data.rfind(b"\n\n") + 2
-        if last < 2:
-            tail = data
-            return
-        for frame in data[:last].split(b"\n\n"):
-            start = frame.find(MESSAGE)
-            if start >= 0:
-                line = frame[start + len(MESSAGE) + 6 : frame.find(b"\nid: ", start)]
-                on_arrival(_timestamp(line), stamp)
+        frames, tail = complete_frames(tail + READ_VIEW[:size])
+        for frame in frames:
+            if (published := published_at(frame)) is not None:
+                on_arrival(published, stamp)
             elif PING in frame:
                 if on_ping is not None:
                     on_ping(stamp)
@@ -201,7 +204,6 @@ async def sse_stamped(
                 ready.set()
             elif ERROR in frame:
                 end(RuntimeError(f"stream error: {frame!r}"))
-        tail = data[last:]
 
     try:
         await loop.sock_sendall(sock, _request(exchange, pattern))

@@ -233,3 +233,40 @@ async def test_a_rolling_restart_of_two_instances_behind_nginx_loses_no_client(
     statuses = [int(line.split('"')[2].split()[0]) for line in access_log]
     assert len(statuses) >= count  # every stream that ended is logged
     assert not [status for status in statuses if status >= 500]
+
+
+@pytest.mark.slow
+async def test_an_event_source_that_finds_no_instance_is_told_to_come_back(
+    exchange_name: str, node_modules: Path
+) -> None:
+    """nginx's own 502 would stop an EventSource for good: with no instance up, the
+    documented configuration answers it tc-events' reconnect frame (a resumable stream's
+    keeps its id), any other client 502; once an instance is up, the EventSource is
+    ready."""
+    port = free_port()
+    sse = {"Accept": "text/event-stream"}
+    with nginx(port) as proxied:
+        target = proxied + connect_target([{"exchange": exchange_name, "routingKeyPattern": "#"}])
+        async with httpx.AsyncClient(timeout=10) as http:
+            told = await http.get(target, headers=sse)
+            assert told.status_code == 200
+            assert told.text == "event: reconnect\ndata: {}\nid:\nretry: 5000\n\n"
+            assert told.headers["content-type"] == "text/event-stream"
+            assert told.headers["access-control-allow-origin"] == "*"
+            resumable = await http.get(target + "&resume=true", headers=sse)
+            assert resumable.text == "event: reconnect\ndata: {}\nretry: 5000\n\n"
+            assert (await http.get(target)).status_code == 502
+            assert (await http.get(f"{proxied}/__heartbeat__")).status_code == 502
+        client = NodeClient(node_modules, "es3", target, follow_s=60)
+        collecting = asyncio.ensure_future(client.collect())
+        server = None
+        try:
+            await wait_until(lambda: "error" in client.kinds(), timeout=30)
+            server = EventsServer.start(port=port)
+            await wait_until(lambda: "ready" in client.kinds(), timeout=30)
+        finally:
+            client.stop()
+            collecting.cancel()
+            if server is not None:
+                server.stop()
+    assert not [line for line in client.lines if line.get("readyState") == 2], client.lines

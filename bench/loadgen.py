@@ -13,6 +13,7 @@ import gc
 import multiprocessing
 import os
 import random
+import resource
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Report:
     cpu_seconds: float = 0.0  # from ready to the end of the measured window
     process_cpu: list[float] = field(default_factory=list)  # the same, per process
     process_cpu_total: list[float] = field(default_factory=list)  # from its start, per process
+    process_peak_rss: list[int] = field(default_factory=list)  # bytes, per process
 
 
 async def _work(
@@ -220,6 +222,7 @@ async def _work(
         connection.close()
     del start
     report.process_cpu_total = [_cpu()]
+    report.process_peak_rss = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]
     results.put(("done", index, report))
 
 
@@ -304,6 +307,7 @@ class LoadGenerator:
             merged.cpu_seconds += report.cpu_seconds
             merged.process_cpu += report.process_cpu
             merged.process_cpu_total += report.process_cpu_total
+            merged.process_peak_rss += report.process_peak_rss
             merged.broken += report.broken
             merged.first_failure = merged.first_failure or report.first_failure
             if report.first_receipt:

@@ -244,6 +244,8 @@ def crowd(args: argparse.Namespace, workload: str) -> dict[str, Any]:
             "server_cores": (tree_cpu(pid) - server_cpu) / elapsed,
             "broker_cores": (cpu_of(broker) - broker_cpu) / elapsed,
             "client_cores": [round(cpu / elapsed, 2) for cpu in report.process_cpu_total],
+            "client_peak_rss_mib": [round(rss / 2**20) for rss in report.process_peak_rss],
+            "broker_rss_mib": round(rss_of(broker) / 2**20),
         }
         if workload == "hold":
             row |= lateness(report, args.ping_interval, "ping")

@@ -119,8 +119,9 @@ async def test_health_probes_are_answered_on_a_port_of_their_own_too() -> None:
             {"PULSE_PORT": str(proxy.port), "TC_EVENTS_SERVER__HEALTH_PORT": str(health_port)}
         ) as server,
     ):
-        assert f"health probes on http://127.0.0.1:{health_port}" in server.output()
         side = f"http://127.0.0.1:{health_port}"
+        # (the main port may be open a moment before the line is written)
+        await wait_until(lambda: f"health probes on {side}" in server.output())
         async with httpx.AsyncClient(base_url=side, timeout=5) as client:
             assert (await client.get("/__lbheartbeat__")).status_code == 200
             heartbeat = await client.get("/__heartbeat__")

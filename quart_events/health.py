@@ -124,8 +124,10 @@ class HealthPort:
         self.thread.start()
 
     def stop(self) -> None:
+        """Within ``ACCEPT_POLL``; the listener is closed."""
         self.stopping = True
         self.thread.join()
+        self.listener.close()
 
     def _serve(self) -> None:
         while not self.stopping:

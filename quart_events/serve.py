@@ -80,12 +80,17 @@ def listen_backlog() -> str:
     return str(LISTEN_BACKLOG)
 
 
-def listen(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """A listening socket; with ``reuse_port`` one of several (workers) on the same port."""
+def listen(host: str, port: int, reuse_port: bool, scheme: str = "http") -> socket.socket:
+    """A listening socket; with ``reuse_port`` one of several (workers) on the same port.
+    ``ListenFailed`` (one line, naming the address) when it cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server(
-        (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
-    )
+    try:
+        return socket.create_server(
+            (host, port), family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+        )
+    except OSError as error:
+        where = f"{scheme}://{host}:{port}"
+        raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from error
 
 
 async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None = None) -> None:
@@ -104,19 +109,18 @@ async def serve_app(app: Quart, reuse_port: bool = False, open_files: int | None
     await service.start()
     listeners = []
     scheme = "https" if server.certfile is not None else "http"
-    wanted = [(f"{scheme}://{server.host}:{server.port}", server.port)]
     metrics_port = server.metrics_port if server.metrics else None
-    for port in (metrics_port, server.health_port):
-        if port is not None:
-            wanted.append((f"http://{server.host}:{port}", port))
-    for where, port in wanted:
+    wanted = [(server.port, scheme), (metrics_port, "http"), (server.health_port, "http")]
+    for port, its_scheme in wanted:
+        if port is None:
+            continue
         try:
-            listeners.append(listen(server.host, port, reuse_port))
-        except OSError as error:
+            listeners.append(listen(server.host, port, reuse_port, its_scheme))
+        except ListenFailed:
             for listener in listeners:
                 listener.close()
             await service.stop()
-            raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from error
+            raise
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         # Accepted sockets inherit it (Linux): a client that vanished, or that stopped
         # reading for good, makes writes fail after write_timeout, and the kernel

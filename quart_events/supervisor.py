@@ -158,7 +158,6 @@ class Supervisor:
         finally:
             if health_port is not None:
                 health_port.stop()
-                health_port.listener.close()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             del os.environ[MULTIPROCESS_DIR]
@@ -170,11 +169,7 @@ class Supervisor:
         server = self.settings.server
         if server.health_port is None:
             return None
-        try:
-            listener = listen(server.host, server.health_port, reuse_port=False)
-        except OSError as error:
-            where = f"http://{server.host}:{server.health_port}"
-            raise ListenFailed(f"cannot listen on {where}: {error.strerror or error}") from None
+        listener = listen(server.host, server.health_port, reuse_port=False)
         log.info("health probes on http://%s:%s", server.host, listener.getsockname()[1])
         return HealthPort(listener, WorkersHealth(lambda: [w.pulse for w in self.workers]))
 
